@@ -1,0 +1,105 @@
+"""VMDK text descriptors: recognise them, list their extents, and keep the encryption lines apart from the view QEMU sees."""
+
+import re
+from dataclasses import dataclass
+
+from .errors import FormatError
+from .keysafe import KeyRecord
+
+DESCRIPTOR_MAGIC = b"# Disk DescriptorFile"
+KEYSAFE_KEY = "encryption.keySafe"
+DATA_KEY = "encryption.data"
+# A line of ours: optional blanks, "encryption.", the rest of the line and its newline.
+_ENC_LINE_RE = re.compile(rb"^[ \t]*encryption\.[^\n]*(?:\n|$)", re.MULTILINE)
+_ENC_KV_RE = re.compile(r'^[ \t]*(encryption\.[A-Za-z]+)[ \t]*=[ \t]*"([^"]*)"[ \t]*\r?$')
+_EXTENT_RE = re.compile(r'^\s*(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Z]+)\s+"([^"]+)"(?:\s+(\d+))?', re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Extent:
+    access: str
+    sectors: int
+    kind: str  # FLAT, VMFS, SPARSE, VMFSSPARSE, ZERO...
+    file_name: str
+    offset: int
+
+
+def is_descriptor(head: bytes) -> bool:
+    """True when a file starts like a text VMDK descriptor (as opposed to a KDMV/COWD sparse file)."""
+    return head.startswith(DESCRIPTOR_MAGIC)
+
+
+def extents(text: bytes) -> list[Extent]:
+    """The extent lines of a descriptor, in order."""
+    body = text.rstrip(b"\x00").decode("utf-8", "replace")
+    return [Extent(m[1], int(m[2]), m[3], m[4], int(m[5] or 0)) for m in _EXTENT_RE.finditer(body)]
+
+
+def strip_encryption_lines(raw: bytes) -> bytes:
+    """The descriptor as tools see it through the mount: without our encryption.* lines."""
+    return _ENC_LINE_RE.sub(b"", raw)
+
+
+def encryption_lines(raw: bytes) -> list[bytes]:
+    """The encryption.* lines of a backing descriptor, each with its newline."""
+    return [m.group(0) if m.group(0).endswith(b"\n") else m.group(0) + b"\n" for m in _ENC_LINE_RE.finditer(raw)]
+
+
+def insert_encryption_lines(view: bytes, lines: list[bytes]) -> bytes:
+    """Put encryption lines back after the first line (the DescriptorFile header) of a view."""
+    if not lines:
+        return view
+    newline = view.find(b"\n")
+    if newline < 0:
+        raise FormatError("a VMDK descriptor must start with a '# Disk DescriptorFile' line")
+    return view[:newline + 1] + b"".join(lines) + view[newline + 1:]
+
+
+def format_encryption_lines(record: KeyRecord) -> list[bytes]:
+    return [f'{KEYSAFE_KEY} = "{record.keysafe.to_locator()}"\n'.encode("ascii"),
+            f'{DATA_KEY} = "{record.data.encode()}"\n'.encode("ascii")]
+
+
+def read_key_record(raw: bytes, what: str) -> KeyRecord | None:
+    """The key record in a descriptor's encryption lines, or None when it has none."""
+    values: dict[str, str] = {}
+    for line in encryption_lines(raw):
+        match = _ENC_KV_RE.match(line.rstrip(b"\n").decode("utf-8", "replace"))
+        if not match:
+            raise FormatError(f"{what}: malformed line {line.strip()[:60]!r}; restore the descriptor from a backup")
+        key, value = match.groups()
+        if key not in (KEYSAFE_KEY, DATA_KEY):
+            raise FormatError(f"{what}: unknown descriptor key {key}; this vmfs-crypt does not know it")
+        if key in values:
+            raise FormatError(f"{what}: {key} appears twice")
+        values[key] = value
+    if not values:
+        return None
+    if set(values) != {KEYSAFE_KEY, DATA_KEY}:
+        raise FormatError(f"{what}: has only one of {KEYSAFE_KEY} and {DATA_KEY}; restore the descriptor from a backup")
+    return KeyRecord.parse(values[KEYSAFE_KEY], values[DATA_KEY], what)
+
+
+def flat_descriptor(extent_name: str, sectors: int, cid: str) -> bytes:
+    """A descriptor in ESXi's style for one preallocated-format (here: thin, sparse) flat extent."""
+    cylinders = max(1, sectors // (255 * 63))
+    return (
+        "# Disk DescriptorFile\n"
+        "version=1\n"
+        "encoding=\"UTF-8\"\n"
+        f"CID={cid}\n"
+        "parentCID=ffffffff\n"
+        "createType=\"vmfs\"\n"
+        "\n"
+        "# Extent description\n"
+        f"RW {sectors} VMFS \"{extent_name}\"\n"
+        "\n"
+        "# The Disk Data Base\n"
+        "#DDB\n"
+        "\n"
+        "ddb.adapterType = \"lsilogic\"\n"
+        f"ddb.geometry.cylinders = \"{cylinders}\"\n"
+        "ddb.geometry.heads = \"255\"\n"
+        "ddb.geometry.sectors = \"63\"\n"
+        "ddb.virtualHWVersion = \"14\"\n"
+    ).encode("utf-8")

@@ -1,0 +1,195 @@
+"""Mount orchestration: start the agent sidecar and the FUSE process, wait for the mount, unmount."""
+
+import hashlib
+import os
+import select
+import shutil
+import subprocess
+import sys
+
+from . import disks
+from .agent import AgentClient, start_agent
+from .config import Config, runtime_dir
+from .errors import MountError, UsageError
+from .folder import VmFolder
+
+MOUNT_TIMEOUT_S = 30.0
+UMOUNT_TIMEOUT_S = 30.0
+
+
+def _tag(mountpoint: str) -> str:
+    return hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:12]
+
+
+def pid_file(mountpoint: str) -> str:
+    return os.path.join(runtime_dir(), f"mount-{_tag(mountpoint)}.pid")
+
+
+def log_file(mountpoint: str) -> str:
+    return os.path.join(runtime_dir(), f"mount-{_tag(mountpoint)}.log")
+
+
+def is_mounted(mountpoint: str) -> bool:
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and fields[4].encode().decode("unicode_escape") == target:
+                return True
+    return False
+
+
+def parse_fuse_options(text: str | None, allow_other: bool) -> dict:
+    options: dict = {}
+    for item in filter(None, (text or "").split(",")):
+        key, _, value = item.partition("=")
+        options[key.strip()] = value if value else True
+    if "allow_other" in options and not allow_other:
+        allow_other = True
+    if allow_other:
+        options["allow_other"] = True
+        options.setdefault("default_permissions", True)  # with other users in, let the kernel check modes
+    return options
+
+
+def check_mount_args(datastore: str, mountpoint: str) -> None:
+    if not os.path.isdir(datastore):
+        raise UsageError(f"{datastore}: the datastore must be a directory")
+    if not os.path.isdir(mountpoint):
+        raise UsageError(f"{mountpoint}: the mount point must be an existing directory")
+    if is_mounted(mountpoint):
+        raise MountError(f"{mountpoint} is already a mount point; unmount it first")
+    if os.listdir(mountpoint):
+        raise UsageError(f"{mountpoint} is not empty; mount on an empty directory")
+    ds, mp = os.path.realpath(datastore), os.path.realpath(mountpoint)
+    if mp == ds or mp.startswith(ds + os.sep):
+        raise UsageError(f"{mountpoint} lies inside the datastore {datastore}; choose a mount point outside it")
+
+
+def recover_datastore(datastore: str) -> list[str]:
+    """Finish interrupted encrypt/decrypt operations in every folder before serving it."""
+    notes = []
+    for dirpath, dirnames, _ in os.walk(datastore):
+        note = disks.recover(VmFolder(dirpath))
+        if note:
+            notes.append(note)
+    return notes
+
+
+def ensure_agent(config: Config, socket_path: str | None) -> tuple[str, bool]:
+    """(socket, started_here): use the named or running agent, or start a sidecar."""
+    if socket_path:
+        if not AgentClient(socket_path).alive():
+            raise MountError(f"no key agent answers on {socket_path} (given by --agent)")
+        return socket_path, False
+    if AgentClient(config.agent_socket).alive():
+        return config.agent_socket, False
+    start_agent(config)
+    return config.agent_socket, True
+
+
+def mount_background(config: Config, datastore: str, mountpoint: str, agent_socket: str | None,
+                     options_text: str | None, allow_other: bool) -> str:
+    """Start the FUSE process detached and return once the mount is up (or fail with its log)."""
+    check_mount_args(datastore, mountpoint)
+    sock, sidecar = ensure_agent(config, agent_socket)
+    os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
+    log_path = log_file(mountpoint)
+    read_fd, write_fd = os.pipe()
+    cmd = [sys.executable, "-m", "vmfs_crypt.cli", "--config", config.path, "mount", "--foreground",
+           "--agent", sock, "--ready-fd", str(write_fd), datastore, mountpoint]
+    if sidecar:
+        cmd.append("--stop-agent-on-exit")
+    if options_text:
+        cmd += ["-o", options_text]
+    if allow_other:
+        cmd.append("--allow-other")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_fd,),
+                                start_new_session=True, close_fds=True)
+    os.close(write_fd)
+    try:
+        ready, _, _ = select.select([read_fd], [], [], MOUNT_TIMEOUT_S)
+        msg = os.read(read_fd, 4096).decode("utf-8", "replace").strip() if ready else ""
+    finally:
+        os.close(read_fd)
+    if msg == "ok":
+        return log_path
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=10)
+    if sidecar:
+        AgentClient(sock).stop()
+    tail = ""
+    try:
+        with open(log_path, "r", encoding="utf-8", errors="replace") as f:
+            tail = "".join(f.readlines()[-5:]).strip()
+    except OSError:
+        pass
+    raise MountError(msg.removeprefix("error ") if msg.startswith("error ")
+                     else f"the mount did not come up within {MOUNT_TIMEOUT_S:.0f} s: {tail or 'see ' + log_path}")
+
+
+def run_foreground(config: Config, datastore: str, mountpoint: str, agent_socket: str | None,
+                   options_text: str | None, allow_other: bool, ready_fd: int | None, stop_agent_on_exit: bool) -> None:
+    """Serve the mount in this process (what the detached child runs)."""
+    from .fs import serve_mount  # only this path loads FUSE
+    from .hardening import disable_core_dumps
+
+    def report(msg: str) -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            os.write(ready_fd, msg.encode("utf-8", "replace") + b"\n")
+            os.close(ready_fd)
+            ready_fd = None
+
+    try:
+        disable_core_dumps()
+        check_mount_args(datastore, mountpoint)
+        for note in recover_datastore(datastore):
+            print(note, file=sys.stderr)
+        sock, sidecar = ensure_agent(config, agent_socket)
+        stop_agent_on_exit = stop_agent_on_exit or sidecar
+    except Exception as exc:
+        report(f"error {exc}")
+        raise
+    os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
+    pid_path = pid_file(mountpoint)
+    with open(pid_path, "w", encoding="utf-8") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        serve_mount(datastore, mountpoint, sock, parse_fuse_options(options_text, allow_other),
+                    lambda: report("ok"))
+    except Exception as exc:
+        report(f"error {mountpoint}: FUSE mount failed ({exc})")
+        raise MountError(f"{mountpoint}: FUSE mount failed ({exc})") from None
+    finally:
+        report("error the FUSE loop ended before the mount came up")
+        try:
+            os.unlink(pid_path)
+        except FileNotFoundError:
+            pass
+        if stop_agent_on_exit:
+            AgentClient(sock).stop()
+
+
+def umount(mountpoint: str) -> None:
+    if not is_mounted(mountpoint):
+        raise MountError(f"{mountpoint} is not mounted")
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    cmd = [tool, "-u", mountpoint] if tool else ["umount", mountpoint]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise MountError(f"{mountpoint}: unmount failed: {proc.stderr.strip() or proc.stdout.strip()} "
+                         "(is a program still using it? see 'fuser -m')")
+    # Wait for the FUSE process to exit so that the datastore is quiet when we return.
+    try:
+        with open(pid_file(mountpoint), encoding="utf-8") as f:
+            pid = int(f.read().strip() or 0)
+        pidfd = os.pidfd_open(pid)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return
+    try:
+        select.select([pidfd], [], [], UMOUNT_TIMEOUT_S)
+    finally:
+        os.close(pidfd)

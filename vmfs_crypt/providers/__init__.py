@@ -1,0 +1,1 @@
+"""Key providers: where KEKs come from (the embedded native provider, a KMIP cluster)."""

@@ -1,0 +1,178 @@
+"""The embedded native key provider: a local primary key file, KEKs derived from it by id, passphrase backups."""
+
+import base64
+import json
+import os
+import secrets
+import stat
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from ..atomicio import write_atomic
+from ..errors import ConfigError, FormatError, KeyFilePermissionError, KeyNotFoundError
+from .base import KeyProvider
+
+PRIMARY_KEY_SIZE = 32
+KEY_FILE_FORMAT = "vmfs-crypt-native-key"
+BACKUP_FORMAT = "vmfs-crypt-native-backup"
+KEY_FILE_VERSION = 1
+_KEK_INFO_PREFIX = b"vmfs-crypt native kek v1\x00"
+# scrypt cost: N=2^17, r=8, p=1 (128 MiB, about 0.5 s): RFC 7914's interactive-login advice raised for file backups.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
+
+
+def derive_kek(primary_key: bytes, key_id: str) -> bytes:
+    """KEK = HKDF-SHA-256(ikm=primary key, salt=none, info=prefix || key id), 32 bytes."""
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_KEK_INFO_PREFIX + key_id.encode("utf-8"))
+    return hkdf.derive(primary_key)
+
+
+def _check_private(path: str) -> None:
+    st = os.stat(path)
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFilePermissionError(
+            f"{path}: key file is readable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"run 'chmod 600 {path}' and check nobody copied it")
+    if st.st_uid != os.geteuid():
+        raise KeyFilePermissionError(f"{path}: key file belongs to uid {st.st_uid}, not to you (uid {os.geteuid()})")
+
+
+def _parse_key_doc(raw: bytes, path: str, fmt: str) -> dict:
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeError):
+        raise FormatError(f"{path}: not a vmfs-crypt key file (not JSON)") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise FormatError(f"{path}: not a {fmt} file")
+    if doc.get("version") != KEY_FILE_VERSION or doc.get("features", []) != []:
+        raise FormatError(f"{path}: version {doc.get('version')!r} / features {doc.get('features')!r} "
+                          "not supported; upgrade vmfs-crypt")
+    return doc
+
+
+class NativeKeyProvider(KeyProvider):
+    """Like vSphere's Native Key Provider: needs no server; the primary key file is the secret."""
+
+    kind = "native"
+
+    def __init__(self, name: str, key_file: str) -> None:
+        super().__init__(name)
+        self.key_file = key_file
+        self._primary: bytes | None = None
+
+    @staticmethod
+    def generate(name: str, key_file: str) -> "NativeKeyProvider":
+        """Create a new primary key file (0600, refusing to overwrite one)."""
+        os.makedirs(os.path.dirname(os.path.abspath(key_file)), mode=0o700, exist_ok=True)
+        if os.path.exists(key_file):
+            raise ConfigError(f"{key_file}: a key file already exists; remove it first or choose another name")
+        doc = {"format": KEY_FILE_FORMAT, "version": KEY_FILE_VERSION, "features": [], "provider": name,
+               "key": base64.b64encode(secrets.token_bytes(PRIMARY_KEY_SIZE)).decode("ascii")}
+        write_atomic(key_file, json.dumps(doc).encode("utf-8"), 0o600)
+        return NativeKeyProvider(name, key_file)
+
+    def _primary_key(self) -> bytes:
+        if self._primary is None:
+            try:
+                _check_private(self.key_file)
+                with open(self.key_file, "rb") as f:
+                    raw = f.read()
+            except FileNotFoundError:
+                raise ConfigError(f"provider {self.name}: key file {self.key_file} is missing; restore it with "
+                                  f"'vmfs-crypt provider restore {self.name} BACKUP'") from None
+            doc = _parse_key_doc(raw, self.key_file, KEY_FILE_FORMAT)
+            try:
+                key = base64.b64decode(doc["key"], validate=True)
+            except (KeyError, ValueError, TypeError):
+                raise FormatError(f"{self.key_file}: the key field is missing or not base64") from None
+            if len(key) != PRIMARY_KEY_SIZE:
+                raise FormatError(f"{self.key_file}: the primary key is {len(key)} bytes, expected {PRIMARY_KEY_SIZE}")
+            self._primary = key
+        return self._primary
+
+    def check(self) -> None:
+        """Load the primary key now, so that permission and format errors show at start-up."""
+        self._primary_key()
+
+    def get_kek(self, key_id: str) -> bytes:
+        if not key_id or len(key_id) > 128:
+            raise KeyNotFoundError(f"provider {self.name}: key id {key_id!r} is not a native key id")
+        return derive_kek(self._primary_key(), key_id)
+
+    def new_kek(self, label: str) -> str:
+        self._primary_key()
+        return secrets.token_hex(16)
+
+    @property
+    def backup_marker(self) -> str:
+        return self.key_file + ".backed-up"
+
+    def warnings(self) -> list[str]:
+        if not os.path.exists(self.backup_marker):
+            return [f"provider {self.name} has no backup: if {self.key_file} is lost, every disk under it is lost. "
+                    f"Run 'vmfs-crypt provider backup {self.name} FILE'"]
+        return []
+
+    def describe(self) -> dict:
+        return {"name": self.name, "type": self.kind, "key_file": self.key_file,
+                "backed_up": os.path.exists(self.backup_marker)}
+
+    # -- backup and restore ------------------------------------------------------------
+    @staticmethod
+    def _backup_key(passphrase: bytes, salt: bytes) -> bytes:
+        return Scrypt(salt=salt, length=32, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P).derive(passphrase)
+
+    def backup(self, backup_path: str, passphrase: bytes) -> None:
+        """Write the primary key, sealed with AES-256-GCM under scrypt(passphrase), to `backup_path`."""
+        if len(passphrase) < 8:
+            raise ConfigError("the backup passphrase must be at least 8 characters")
+        salt, nonce = secrets.token_bytes(16), secrets.token_bytes(12)
+        header = {"format": BACKUP_FORMAT, "version": KEY_FILE_VERSION, "features": [], "provider": self.name,
+                  "kdf": {"name": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P,
+                          "salt": base64.b64encode(salt).decode()},
+                  "nonce": base64.b64encode(nonce).decode()}
+        aad = json.dumps(header, sort_keys=True).encode("utf-8")
+        sealed = AESGCM(self._backup_key(passphrase, salt)).encrypt(nonce, self._primary_key(), aad)
+        doc = dict(header, sealed=base64.b64encode(sealed).decode())
+        write_atomic(backup_path, json.dumps(doc, indent=1).encode("utf-8"), 0o600)
+        write_atomic(self.backup_marker, f"{backup_path}\n".encode("utf-8"), 0o600)
+
+    @staticmethod
+    def restore(name: str, key_file: str, backup_path: str, passphrase: bytes) -> "NativeKeyProvider":
+        """Recreate a primary key file from a backup (refusing to overwrite a different key)."""
+        try:
+            with open(backup_path, "rb") as f:
+                doc = _parse_key_doc(f.read(), backup_path, BACKUP_FORMAT)
+        except FileNotFoundError:
+            raise ConfigError(f"{backup_path}: no such backup file") from None
+        try:
+            header = {k: doc[k] for k in ("format", "version", "features", "provider", "kdf", "nonce")}
+            kdf = doc["kdf"]
+            if kdf.get("name") != "scrypt":
+                raise FormatError(f"{backup_path}: unknown key derivation {kdf.get('name')!r}")
+            salt = base64.b64decode(kdf["salt"], validate=True)
+            nonce = base64.b64decode(doc["nonce"], validate=True)
+            sealed = base64.b64decode(doc["sealed"], validate=True)
+            key = Scrypt(salt=salt, length=32, n=int(kdf["n"]), r=int(kdf["r"]), p=int(kdf["p"])).derive(passphrase)
+        except (KeyError, ValueError, TypeError):
+            raise FormatError(f"{backup_path}: damaged backup file") from None
+        aad = json.dumps(header, sort_keys=True).encode("utf-8")
+        try:
+            primary = AESGCM(key).decrypt(nonce, sealed, aad)
+        except InvalidTag:
+            raise ConfigError(f"{backup_path}: wrong passphrase, or the backup file was altered") from None
+        if os.path.exists(key_file):
+            existing = NativeKeyProvider(name, key_file)
+            if secrets.compare_digest(existing._primary_key(), primary):
+                return existing
+            raise ConfigError(f"{key_file}: a different key file already exists; move it away before restoring")
+        os.makedirs(os.path.dirname(os.path.abspath(key_file)), mode=0o700, exist_ok=True)
+        out = {"format": KEY_FILE_FORMAT, "version": KEY_FILE_VERSION, "features": [], "provider": name,
+               "key": base64.b64encode(primary).decode("ascii")}
+        write_atomic(key_file, json.dumps(out).encode("utf-8"), 0o600)
+        write_atomic(key_file + ".backed-up", f"{backup_path}\n".encode("utf-8"), 0o600)
+        return NativeKeyProvider(name, key_file)
