@@ -61,23 +61,88 @@ class KeyService:
             self.providers[name] = build_provider(name, settings, config)
         self._keks: dict[KeyRef, bytes] = {}
         self._lock = threading.Lock()
+        # Locked keys: KEKs that could not be fetched (or were revoked), with the disks that asked.
+        self._locked: dict[KeyRef, dict] = {}
+        self._fetch_locks: dict[KeyRef, threading.Lock] = {}
 
     def provider(self, name: str | None) -> KeyProvider:
         name, _ = self.config.provider(name)
         return self.providers[name]
 
-    def kek(self, ref: KeyRef) -> bytes:
+    def kek(self, ref: KeyRef, disk: str | None = None) -> bytes:
         with self._lock:
             cached = self._keks.get(ref)
+            fetch_lock = self._fetch_locks.setdefault(ref, threading.Lock())
         if cached is not None:
             return cached
         if ref.provider_id not in self.providers:
             raise ProviderError(f"{ref}: provider {ref.provider_id!r} is not configured in {self.config.path}; "
                                 f"add it with 'vmfs-crypt provider add'")
-        kek = self.providers[ref.provider_id].get_kek(ref.key_id)
-        with self._lock:
-            self._keks[ref] = kek
+        with fetch_lock:  # one fetch per KEK, however many disks ask at once
+            with self._lock:
+                cached = self._keks.get(ref)
+            if cached is not None:
+                return cached
+            try:
+                kek = self.providers[ref.provider_id].get_kek(ref.key_id)
+            except ProviderError as exc:
+                self._note_locked(ref, [disk] if disk else [], exc)
+                if disk:
+                    raise type(exc)(f"{disk} is locked: {exc}") from None
+                raise
+            with self._lock:
+                self._keks[ref] = kek
+                self._locked.pop(ref, None)
         return kek
+
+    def _note_locked(self, ref: KeyRef, disks: list[str], exc: Exception) -> None:
+        with self._lock:
+            entry = self._locked.setdefault(ref, {"disks": set(), "since": time.time()})
+            entry["disks"].update(disks)
+            entry.update(error=str(exc), revoked=bool(getattr(exc, "revoked", False)), last_try=time.time())
+        log.warning("locked: %s (disks: %s): %s", ref, ", ".join(sorted(entry["disks"])) or "none yet", exc)
+
+    def retry_locked(self) -> tuple[list[KeyRef], list[KeyRef]]:
+        """Fetch every locked KEK again now; (unlocked, still locked)."""
+        for p in self.providers.values():
+            getattr(p, "reset_backoff", lambda: None)()
+        with self._lock:
+            refs = list(self._locked)
+        done, still = [], []
+        for ref in refs:
+            try:
+                self.kek(ref)
+                done.append(ref)
+                log.info("unlocked %s", ref)
+            except ProviderError:
+                still.append(ref)
+        return done, still
+
+    def recheck_revocations(self) -> None:
+        """Providers with on_revoke = "lock": drop cached KEKs that were revoked or destroyed meanwhile."""
+        with self._lock:
+            refs = [r for r in self._keks
+                    if getattr(self.providers.get(r.provider_id), "on_revoke", "keep") == "lock"]
+        for ref in refs:
+            try:
+                self.providers[ref.provider_id].check_usable(ref.key_id)
+            except ProviderError as exc:
+                if not getattr(exc, "revoked", False):
+                    continue  # an outage is not a revocation: keep serving
+                with self._lock:
+                    self._keks.pop(ref, None)
+                self._note_locked(ref, [], exc)
+
+    def maintenance_loop(self, stop: threading.Event) -> None:
+        """Periodically retry locked KEKs and look for revocations ([agent] retry_interval, seconds)."""
+        interval = float(self.config.agent.get("retry_interval", 30))
+        while not stop.wait(interval):
+            try:
+                if self._locked:
+                    self.retry_locked()
+                self.recheck_revocations()
+            except Exception:  # keep the loop alive whatever a provider does
+                log.exception("periodic key retry failed")
 
     # Each op takes and returns JSON-able dicts; secrets travel base64-encoded.
     def op_ping(self, req: dict) -> dict:
@@ -86,8 +151,43 @@ class KeyService:
     def op_unwrap(self, req: dict) -> dict:
         what = str(req.get("what", "file"))
         record = KeyRecord.parse(req["keySafe"], req["data"], what)
-        dek = record.open(self.kek(record.keysafe.kek), what)
+        dek = record.open(self.kek(record.keysafe.kek, what), what)
         return {"dek": base64.b64encode(dek).decode()}
+
+    def op_prefetch(self, req: dict) -> dict:
+        """Fetch each listed KEK once (at mount time); failures become locked disks, never an error."""
+        wanted: dict[KeyRef, list[str]] = {}
+        for item in req["keys"]:
+            wanted.setdefault(KeyRef(str(item["provider"]), str(item["keyId"])), []).extend(item.get("disks", []))
+
+        def run() -> None:
+            for ref, disks in wanted.items():
+                try:
+                    self.kek(ref)
+                except ProviderError:
+                    pass
+                with self._lock:
+                    if ref in self._locked:
+                        self._locked[ref]["disks"].update(disks)
+
+        worker = threading.Thread(target=run, daemon=True, name="prefetch")
+        worker.start()
+        worker.join(float(req.get("budget_s", 10.0)))  # the mount does not wait longer; the rest goes on
+        with self._lock:
+            fetched = sum(1 for ref in wanted if ref in self._keks)
+        return {"keys": len(wanted), "fetched": fetched, "pending": worker.is_alive(),
+                "locked": self.op_locked({})["locked"]}
+
+    def op_locked(self, req: dict) -> dict:
+        with self._lock:
+            return {"locked": [{"provider": r.provider_id, "keyId": r.key_id, "disks": sorted(e["disks"]),
+                                "error": e["error"], "revoked": e["revoked"], "since": e["since"],
+                                "last_try": e["last_try"]} for r, e in self._locked.items()]}
+
+    def op_unlock(self, req: dict) -> dict:
+        done, still = self.retry_locked()
+        return {"unlocked": [{"provider": r.provider_id, "keyId": r.key_id} for r in done],
+                "locked": self.op_locked({})["locked"]}
 
     def op_new_kek(self, req: dict) -> dict:
         provider = self.provider(req.get("provider"))
@@ -114,7 +214,7 @@ class KeyService:
             warnings.extend(p.warnings())
         return {"pid": os.getpid(), "providers": [p.describe() for p in self.providers.values()],
                 "default_provider": self.config.default_provider, "cached_keks": len(self._keks),
-                "warnings": warnings}
+                "locked": len(self._locked), "warnings": warnings}
 
     def handle(self, req: dict) -> dict:
         op = req.get("op")
@@ -192,9 +292,13 @@ def serve(config_path: str, ready_fd: int | None) -> int:
     server.service = service
     log.info("agent %d listening on %s", os.getpid(), sock_path)
     report("ok")
+    stop_maintenance = threading.Event()
+    threading.Thread(target=service.maintenance_loop, args=(stop_maintenance,), daemon=True,
+                     name="key-retry").start()
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
+        stop_maintenance.set()
         server.server_close()
         try:
             os.unlink(sock_path)
