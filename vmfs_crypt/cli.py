@@ -328,5 +328,8 @@ def main(argv=None) -> int:
         return 10
 
 
+__import__("vmfs_crypt.cli_kmip", fromlist=["register"]).register(cli)  # provider add kmip, status, unlock
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -238,8 +238,10 @@ class KmipKeyProvider(KeyProvider):
         reason = getattr(exc, "reason", None)
         where = _fmt(*self._server) if self._server else "the server"
         if reason == enums.ResultReason.ITEM_NOT_FOUND:
-            return KeyNotFoundError(f"key {key_id} is gone from provider {self.name}: it was destroyed there, or "
+            gone = KeyNotFoundError(f"key {key_id} is gone from provider {self.name}: it was destroyed there, or "
                                     f"never existed there ({where} answered ITEM_NOT_FOUND)")
+            gone.revoked = True
+            return gone
         if reason == enums.ResultReason.PERMISSION_DENIED:
             return ProviderError(f"provider {self.name} ({where}) denies {op} of key {key_id}: keys belong to the "
                                  f"client certificate that created them; is {self.cert} that certificate?")
@@ -270,11 +272,14 @@ class KmipKeyProvider(KeyProvider):
         if state == enums.State.ACTIVE:
             return
         if state in (enums.State.DESTROYED, enums.State.DESTROYED_COMPROMISED):
-            raise KeyNotFoundError(f"key {key_id} was destroyed on provider {self.name}")
-        if state in (enums.State.DEACTIVATED, enums.State.COMPROMISED):
-            raise ProviderError(f"key {key_id} was revoked on provider {self.name} (state {state.name}); "
-                                "disks under it stay locked until it is reactivated or the disks are rekeyed")
-        raise ProviderError(f"key {key_id} on provider {self.name} is not active (state {state.name})")
+            exc = KeyNotFoundError(f"key {key_id} was destroyed on provider {self.name}")
+        elif state in (enums.State.DEACTIVATED, enums.State.COMPROMISED):
+            exc = ProviderError(f"key {key_id} was revoked on provider {self.name} (state {state.name}); "
+                                "disks under it stay locked unless the key is made active again")
+        else:
+            exc = ProviderError(f"key {key_id} on provider {self.name} is not active (state {state.name})")
+        exc.revoked = True  # the agent tells a key taken out of service from an outage by this
+        raise exc
 
     def get_kek(self, key_id: str) -> bytes:
         if not key_id or len(key_id) > 128:
@@ -323,6 +328,29 @@ class KmipKeyProvider(KeyProvider):
             self._call("Destroy", key_id, lambda client: client.destroy(key_id))
         except (kmip_exceptions.KmipOperationFailure, kmip_core_exceptions.KmipError) as exc:
             raise self._failure(exc, key_id, "Destroy") from None
+
+    def probe(self) -> list[tuple[str, str | None]]:
+        """Each server: (address, None) if it takes our certificate and answers a Locate, else (address, why)."""
+        results = []
+        for host, port in self.servers:
+            try:
+                client = self._connect(host, port)
+            except _ServerFailure as exc:
+                results.append((_fmt(host, port), str(exc).split(": ", 1)[1]))
+                continue
+            try:
+                client.locate(maximum_items=1)
+                results.append((_fmt(host, port), None))
+            except (kmip_exceptions.KmipOperationFailure, kmip_core_exceptions.KmipError) as exc:
+                results.append((_fmt(host, port), str(self._failure(exc, "-", "Locate"))))
+            except (OSError, EOFError, RequestLengthMismatch) as exc:
+                results.append((_fmt(host, port), f"no answer to Locate ({type(exc).__name__}: {exc})"))
+            finally:
+                try:
+                    client.close()
+                except Exception:
+                    pass
+        return results
 
     def describe(self) -> dict:
         return {"name": self.name, "type": self.kind, "servers": [_fmt(h, p) for h, p in self.servers],
