@@ -76,6 +76,38 @@ def recover_datastore(datastore: str) -> list[str]:
     return notes
 
 
+PREFETCH_BUDGET_S = 10.0  # the mount waits at most this long for KEKs; the agent goes on fetching after it
+
+
+def datastore_key_refs(datastore: str) -> list[dict]:
+    """Each distinct KEK that the datastore's encrypted files are wrapped under, with those files."""
+    refs: dict[tuple[str, str], list[str]] = {}
+    for dirpath, _, _ in os.walk(datastore):
+        folder = VmFolder(dirpath)
+        if not folder.encrypted:
+            continue
+        for f in disks.folder_files(folder):
+            if f.role == "encrypted":
+                name = os.path.relpath(os.path.join(dirpath, f.name), datastore)
+                refs.setdefault((f.provider, f.key_id), []).append(name)
+    return [{"provider": p, "keyId": k, "disks": names} for (p, k), names in refs.items()]
+
+
+def prefetch_keys(datastore: str, sock: str) -> None:
+    """Have the agent fetch every KEK once now; a KEK it cannot get locks its disks, never the mount."""
+    try:
+        refs = datastore_key_refs(datastore)
+        if not refs:
+            return
+        resp = AgentClient(sock).request("prefetch", keys=refs, budget_s=PREFETCH_BUDGET_S)
+        print(f"prefetched {resp['fetched']} of {resp['keys']} key(s)"
+              + (" (still fetching)" if resp["pending"] else ""), file=sys.stderr)
+        for entry in resp["locked"]:
+            print(f"LOCKED {', '.join(entry['disks'])}: {entry['error']}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - a failed prefetch only means keys are fetched on open
+        print(f"warning: prefetching keys failed ({exc}); disks fetch their keys when opened", file=sys.stderr)
+
+
 def ensure_agent(config: Config, socket_path: str | None) -> tuple[str, bool]:
     """(socket, started_here): use the named or running agent, or start a sidecar."""
     if socket_path:
@@ -153,6 +185,7 @@ def run_foreground(config: Config, datastore: str, mountpoint: str, agent_socket
     except Exception as exc:
         report(f"error {exc}")
         raise
+    prefetch_keys(datastore, sock)
     os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
     pid_path = pid_file(mountpoint)
     with open(pid_path, "w", encoding="utf-8") as f:
