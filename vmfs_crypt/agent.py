@@ -76,8 +76,8 @@ class KeyService:
         if cached is not None:
             return cached
         if ref.provider_id not in self.providers:
-            raise ProviderError(f"{ref}: provider {ref.provider_id!r} is not configured in {self.config.path}; "
-                                f"add it with 'vmfs-crypt provider add'")
+            raise ProviderError(f"{disk + ': ' if disk else ''}{ref}: provider {ref.provider_id!r} is not configured "
+                                f"in {self.config.path}; add it with 'vmfs-crypt provider add'")
         with fetch_lock:  # one fetch per KEK, however many disks ask at once
             with self._lock:
                 cached = self._keks.get(ref)
