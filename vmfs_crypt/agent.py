@@ -287,7 +287,7 @@ def serve(config_path: str, ready_fd: int | None) -> int:
             os.umask(old_umask)
         os.chmod(sock_path, 0o600)
     except VmfsCryptError as exc:
-        report(f"error {exc}")
+        report(f"error {type(exc).__name__} {exc}")
         return exc.exit_code
     server.service = service
     log.info("agent %d listening on %s", os.getpid(), sock_path)
@@ -417,7 +417,10 @@ def start_agent(config: Config) -> int:
         proc.kill()
         raise AgentError(f"the key agent did not start within {START_TIMEOUT_S:.0f} s; see {log_path}")
     proc.wait(timeout=5)
-    raise AgentError(msg.removeprefix("error ") or f"the key agent failed to start; see {log_path}")
+    # "error CLASS message": the agent's own error class, so the CLI's exit code matches the cause.
+    _, cls_name, text = (msg.split(" ", 2) + ["", ""])[:3]
+    cls = _ERROR_CLASSES.get(cls_name, AgentError)
+    raise cls(text or f"the key agent failed to start; see {log_path}")
 
 
 def main(argv: list[str] | None = None) -> int:
