@@ -14,7 +14,7 @@ import mfusepy
 from .agent import AgentClient
 from .descriptor import (DESCRIPTOR_MAGIC, encryption_lines, extents, insert_encryption_lines,
                          is_descriptor, strip_encryption_lines)
-from .errors import DataError, FormatError, KeyUnwrapError, ProviderError, VmfsCryptError
+from .errors import AgentError, DataError, FormatError, KeyUnwrapError, ProviderError, VmfsCryptError
 from .folder import FOLDER_KEYS_NAME, FolderKeys, VmFolder, is_hidden_name, is_plaintext_name
 from .atomicio import write_atomic
 from .holes import decrypt_sectors
@@ -192,7 +192,7 @@ class VmfsCryptFS(mfusepy.Operations):
         """Map an error of ours to an errno (only here), logging it for the user."""
         if isinstance(exc, mfusepy.FuseOSError):
             return exc
-        if isinstance(exc, (KeyUnwrapError, ProviderError)):
+        if isinstance(exc, (KeyUnwrapError, ProviderError, AgentError)):  # no key: the disk is locked
             log.error("%s: %s refused: %s", self._display(real), what, exc)
             return mfusepy.FuseOSError(errno.EACCES)
         if isinstance(exc, VmfsCryptError):
@@ -496,7 +496,8 @@ class VmfsCryptFS(mfusepy.Operations):
         first, count = sector_span(offset, end - offset)
         plaintext = self._read_sectors(handle, first, count, file_size)
         skip = offset - sector_to_plain_off(first)
-        return plaintext[skip:skip + end - offset]
+        out = plaintext[skip:skip + end - offset]
+        return out if isinstance(out, bytes) else bytes(out)  # mfusepy's memmove takes bytes only
 
     def write(self, path, data, offset, fh):
         handle = self._handles[fh]
