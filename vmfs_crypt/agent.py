@@ -100,7 +100,7 @@ class KeyService:
             entry = self._locked.setdefault(ref, {"disks": set(), "since": time.time()})
             entry["disks"].update(disks)
             entry.update(error=str(exc), revoked=bool(getattr(exc, "revoked", False)), last_try=time.time())
-        log.warning("locked: %s (disks: %s): %s", ref, ", ".join(sorted(entry["disks"])) or "none yet", exc)
+        log.warning("locked: %s%s: %s", ref, f" ({', '.join(sorted(disks))})" if disks else "", exc)
 
     def retry_locked(self) -> tuple[list[KeyRef], list[KeyRef]]:
         """Fetch every locked KEK again now; (unlocked, still locked)."""
