@@ -93,7 +93,7 @@ class KmipKeyProvider(KeyProvider):
         self._client: ProxyKmipClient | None = None
         self._server: tuple[str, int] | None = None
         self._ctx: ssl.SSLContext | None = None
-        self._down_until = 0.0
+        self._down_until = self._down_since = 0.0
         self._down_error = ""
         self.counts = {"Create": 0, "Activate": 0, "Get": 0, "GetAttributes": 0, "Revoke": 0, "Destroy": 0,
                        "connections": 0}
@@ -193,9 +193,12 @@ class KmipKeyProvider(KeyProvider):
     def _call(self, op: str, key_id: str | None, fn):
         """Run fn(client) on the cluster: the open connection, else each server in order."""
         with self._lock:
+            what = f"{op} of key {key_id}" if key_id else op
             if self._client is None and time.monotonic() < self._down_until:
-                raise ProviderError(f"{self._down_error} (failing fast for {self.holdoff:g} s after that; "
-                                    f"'vmfs-crypt unlock' retries now)")
+                raise ProviderError(f"provider {self.name}: {what} failed: no KMS server of the cluster could be "
+                                    f"used {time.monotonic() - self._down_since:.0f} s ago (servers tried: "
+                                    f"{self._down_error}); not retrying for {self.holdoff:g} s after that "
+                                    "('vmfs-crypt unlock' retries now)")
             tried: list[str] = []
             candidates = ([self._server] if self._client is not None else []) + list(self.servers)
             for i, server in enumerate(candidates):
@@ -224,11 +227,11 @@ class KmipKeyProvider(KeyProvider):
                         log.info("provider %s: connection to %s lost, reconnecting", self.name, _fmt(*server))
                         continue
                 log.warning("provider %s: %s", self.name, tried[-1])
-            what = f"{op} of key {key_id}" if key_id else op
-            self._down_error = (f"provider {self.name}: {what} failed: no KMS server of the cluster could be used "
-                                f"(servers tried: {'; '.join(tried)})")
-            self._down_until = time.monotonic() + self.holdoff
-            raise ProviderError(self._down_error)
+            self._down_error = "; ".join(tried)
+            self._down_since = time.monotonic()
+            self._down_until = self._down_since + self.holdoff
+            raise ProviderError(f"provider {self.name}: {what} failed: no KMS server of the cluster could be used "
+                                f"(servers tried: {self._down_error})")
 
     def reset_backoff(self) -> None:
         """Forget a recent cluster failure (the user asked to retry now)."""
