@@ -278,3 +278,25 @@ def test_user_errors_are_one_line(venv_env):
     proc = venv_env.run("--config", os.path.join(venv_env.base, "none.toml"), "create",
                         os.path.join(venv_env.datastore, "vm1", "d.vmdk"), "--size", "1M", check=False)
     assert_clean_error(proc, "no key provider is configured", code=3)
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_rekey(venv_env, tmp_path, deep):
+    vm = make_plain_vm(venv_env)
+    venv_env.run("encrypt", vm)
+    before = json.loads(venv_env.run("info", "--json", vm).stdout)
+    at_rest = tree_hashes(vm)
+    plain_copy = str(tmp_path / "plain.raw")
+    with mounted(venv_env) as mnt:
+        venv_env.tool("qemu-img", "convert", "-O", "raw", os.path.join(mnt, "vm1", "disk.vmdk"), plain_copy)
+    venv_env.run("rekey", vm, *(["--deep"] if deep else []))
+    after = json.loads(venv_env.run("info", "--json", vm).stdout)
+    assert after["folder_kek"]["key_id"] != before["folder_kek"]["key_id"]
+    assert {f["key_id"] for f in after["files"] if f["key_id"]} == {after["folder_kek"]["key_id"]}
+    rekeyed = tree_hashes(vm)
+    for name in ("disk-flat.vmdk", "sparse.vmdk", "vm1.nvram"):
+        # shallow: same DEKs, data untouched; deep: new DEKs, every data file rewritten
+        assert (rekeyed[name] != at_rest[name]) == deep, name
+    assert venv_env.run("cat", os.path.join(vm, "vm1.nvram")).stdout == PATTERN * 17 + b"tail"
+    with mounted(venv_env) as mnt:
+        venv_env.tool("qemu-img", "compare", "-f", "raw", "-F", "vmdk", plain_copy, os.path.join(mnt, "vm1", "disk.vmdk"))

@@ -11,6 +11,7 @@ from . import __version__, disks, mounting
 from .agent import AgentClient, start_agent
 from .config import Config, load_config
 from .errors import AgentError, ConfigError, UsageError, VmfsCryptError
+from .hardening import disable_core_dumps
 from .providers.native import NativeKeyProvider
 
 
@@ -67,6 +68,7 @@ def _native_key_file(config: Config, name: str, settings: dict) -> str:
 @click.pass_context
 def cli(ctx, config_path):
     """Encrypt VM disks at rest, vSphere style, and show them in plaintext through a FUSE mount."""
+    disable_core_dumps()  # commands such as encrypt and cat hold DEKs in this process
     ctx.obj = Ctx(config_path)
 
 
@@ -108,6 +110,21 @@ def decrypt(c, path):
     with agent_session(c.config) as agent:
         result = disks.decrypt_folder(path, agent, _progress_factory)
     click.echo(f"{result['folder']}: decrypted {len(result['decrypted'])} file(s)")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--deep", is_flag=True, help="New DEKs and re-encrypted data (default: only a new KEK).")
+@click.option("--provider", help="Move the folder to this provider's new KEK (default: the same provider).")
+@pass_ctx
+def rekey(c, path, deep, provider):
+    """Rekey a VM folder: shallow (new KEK, instant) or --deep (new DEKs, data rewritten)."""
+    with agent_session(c.config) as agent:
+        result = disks.rekey_folder(path, agent, provider, deep, _progress_factory)
+    old, new = result["old_kek"], result["new_kek"]
+    click.echo(f"{result['folder']}: {'deep' if deep else 'shallow'} rekey of {len(result['files'])} file(s): "
+               f"key {old['key_id']} of {old['provider_id']} -> key {new['key_id']} of {new['provider_id']}")
+    click.echo(f"the old key {old['key_id']} is no longer used by this folder", err=True)
 
 
 @cli.command()

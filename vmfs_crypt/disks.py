@@ -354,3 +354,48 @@ def cat_file(path: str, agent: AgentClient, write: Callable[[bytes], None]) -> N
         cipher = SectorCipher(agent.unwrap(record, path))
         for off, data in _chunks(f.fileno(), os.fstat(f.fileno()).st_size):
             write(decrypt_sectors(cipher, off // SECTOR_SIZE, data))
+
+
+def rekey_folder(path: str, agent: AgentClient, provider: str | None, deep: bool, progress_factory) -> dict:
+    """Shallow rekey (a new KEK wraps the same DEKs) or deep rekey (new DEKs, data re-encrypted) of a VM folder."""
+    folder = _target_folder(path)
+    recover(folder)
+    if not folder.encrypted:
+        raise UsageError(f"{folder.backing_dir} is not encrypted; use 'vmfs-crypt encrypt'")
+    old_keys = folder.load_keys()
+    infos = folder_files(folder)
+    missing = [f.name for f in infos if f.role == "missing-key"]
+    if missing:
+        raise DataError(f"{folder.backing_dir}: no key for {', '.join(missing)}; nothing was changed")
+    new_kek = agent.new_kek(provider or old_keys.kek.provider_id, os.path.basename(folder.backing_dir))
+    new_keys = FolderKeys(new_kek)
+    renames: list[tuple[str, str]] = []
+    desc_records: dict[str, KeyRecord] = {}
+    todo = [f for f in infos if f.role == "encrypted"]
+    with progress_factory(sum(f.size for f in todo) if deep else len(todo), "deep rekey" if deep else "rekey") as bar:
+        for f in todo:
+            what = os.path.join(folder.backing_dir, f.name)
+            found = folder.descriptor_record_for(f.name)
+            record = found[1] if found else old_keys.files[f.name]
+            if deep:
+                new_record, dek = agent.new_file_key(new_kek)
+                tmp = TMP_PREFIX + f.name
+                transform_file(what, os.path.join(folder.backing_dir, tmp), SectorCipher(agent.unwrap(record, what)),
+                               SectorCipher(dek), bar.update)
+                del dek
+                renames.append((tmp, f.name))
+            else:
+                new_record = agent.rewrap(record, new_kek, what)
+                bar.update(1)
+            if found:
+                desc_records[found[0]] = new_record
+            else:
+                new_keys.files[f.name] = new_record
+    for owner, record in desc_records.items():
+        tmp = TMP_PREFIX + owner
+        write_atomic(os.path.join(folder.backing_dir, tmp),
+                     _descriptor_rewrite(os.path.join(folder.backing_dir, owner), record), 0o600)
+        renames.append((tmp, owner))
+    commit(folder, renames, new_keys)
+    return {"folder": folder.backing_dir, "files": [f.name for f in todo], "old_kek": vars(old_keys.kek),
+            "new_kek": vars(new_kek), "deep": deep}
