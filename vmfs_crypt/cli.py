@@ -10,7 +10,7 @@ import click
 from . import __version__, disks, mounting
 from .agent import AgentClient, start_agent
 from .config import Config, load_config
-from .errors import AgentError, ConfigError, UsageError, VmfsCryptError
+from .errors import AgentError, UsageError, VmfsCryptError
 from .hardening import disable_core_dumps
 from .providers.native import NativeKeyProvider
 

@@ -14,7 +14,7 @@ import mfusepy
 from .agent import AgentClient
 from .descriptor import (DESCRIPTOR_MAGIC, encryption_lines, extents, insert_encryption_lines,
                          is_descriptor, strip_encryption_lines)
-from .errors import AgentError, DataError, FormatError, KeyUnwrapError, ProviderError, VmfsCryptError
+from .errors import AgentError, DataError, KeyUnwrapError, ProviderError, VmfsCryptError
 from .folder import FOLDER_KEYS_NAME, FolderKeys, VmFolder, is_hidden_name, is_plaintext_name
 from .atomicio import write_atomic
 from .holes import decrypt_sectors
