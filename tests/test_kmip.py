@@ -2,6 +2,7 @@
 outages (cached keys, cold start, unlock), TLS refusals, revoked/destroyed/unknown keys, a silent server."""
 
 import errno
+import mmap
 import os
 import re
 import shutil
@@ -311,3 +312,47 @@ def test_silent_server_times_out_bounded_and_says_so(kenv, cluster):
         assert cat(kenv, disk.replace("disk.vmdk", "disk-flat.vmdk")).returncode == 0
     finally:
         hung.close()
+
+
+def test_on_revoke_lock_locks_open_disks_now(kenv, cluster):
+    add_kmip_provider(kenv, "strict", [s.port for s in cluster.servers], cluster.pki, *FAST, "--on-revoke", "lock")
+    edit_config(kenv, retry_interval=1)
+    vm = os.path.join(kenv.datastore, "vm1")
+    os.makedirs(vm)
+    disk = os.path.join(vm, "disk.vmdk")
+    kenv.run("create", disk, "--size", "1M", "--provider", "strict")
+    make_disk(kenv, "vm2/disk.vmdk")  # under 'prod' (on_revoke = "keep"): unaffected
+    key = key_id_of(kenv, disk)
+    admin = cluster.admin()
+    try:
+        with mounted(kenv) as mnt:
+            write_through(mnt, "vm1/disk-flat.vmdk")
+            write_through(mnt, "vm2/disk-flat.vmdk")
+            # O_DIRECT (as QEMU's cache=none): reads reach the FUSE process, not the kernel's page cache
+            fd = os.open(os.path.join(mnt, "vm1/disk-flat.vmdk"), os.O_RDWR | os.O_DIRECT)
+            buf = mmap.mmap(-1, 4096)
+            try:
+                assert os.preadv(fd, [buf], 0) == 4096 and buf[:] == DATA[:4096]
+                admin.revoke(key)
+
+                def refused():
+                    try:
+                        os.preadv(fd, [buf], 0)
+                        return False
+                    except PermissionError:
+                        return True
+                # the agent re-checks every retry_interval (1 s); the mount asks the agent every 2 s
+                wait_until(refused, 20, "the open disk to lock after its KEK was revoked")
+                with pytest.raises(PermissionError):
+                    os.pwritev(fd, [buf], 0)
+            finally:
+                os.close(fd)
+                buf.close()
+            with pytest.raises(PermissionError):
+                read_through(mnt, "vm1/disk-flat.vmdk")
+            assert read_through(mnt, "vm2/disk-flat.vmdk") == DATA
+            status = kenv.run("status").stdout.decode()
+            assert f"LOCKED key {key} of provider strict" in status and "was revoked" in status
+            assert "was revoked" in kenv.mount_logs()
+    finally:
+        admin.close()

@@ -97,10 +97,14 @@ class KeyService:
 
     def _note_locked(self, ref: KeyRef, disks: list[str], exc: Exception) -> None:
         with self._lock:
-            entry = self._locked.setdefault(ref, {"disks": set(), "since": time.time()})
+            entry = self._locked.setdefault(ref, {"disks": set(), "since": time.time(), "error": None})
+            changed = entry["error"] != str(exc) or not set(disks) <= entry["disks"]
             entry["disks"].update(disks)
-            entry.update(error=str(exc), revoked=bool(getattr(exc, "revoked", False)), last_try=time.time())
-        log.warning("locked: %s%s: %s", ref, f" ({', '.join(sorted(disks))})" if disks else "", exc)
+            revoked = bool(getattr(exc, "revoked", False))
+            lock_open = revoked and getattr(self.providers.get(ref.provider_id), "on_revoke", "keep") == "lock"
+            entry.update(error=str(exc), revoked=revoked, lock_open=lock_open, last_try=time.time())
+        if changed:  # the periodic retry does not repeat the same line
+            log.warning("locked: %s%s: %s", ref, f" ({', '.join(sorted(disks))})" if disks else "", exc)
 
     def retry_locked(self) -> tuple[list[KeyRef], list[KeyRef]]:
         """Fetch every locked KEK again now; (unlocked, still locked)."""
@@ -181,7 +185,8 @@ class KeyService:
     def op_locked(self, req: dict) -> dict:
         with self._lock:
             return {"locked": [{"provider": r.provider_id, "keyId": r.key_id, "disks": sorted(e["disks"]),
-                                "error": e["error"], "revoked": e["revoked"], "since": e["since"],
+                                "error": e["error"], "revoked": e["revoked"], "lock_open": e["lock_open"],
+                                "since": e["since"],
                                 "last_try": e["last_try"]} for r, e in self._locked.items()]}
 
     def op_unlock(self, req: dict) -> dict:

@@ -18,7 +18,7 @@ from .errors import AgentError, DataError, KeyUnwrapError, ProviderError, VmfsCr
 from .folder import FOLDER_KEYS_NAME, FolderKeys, VmFolder, is_hidden_name, is_plaintext_name
 from .atomicio import write_atomic
 from .holes import decrypt_sectors
-from .keysafe import KeyRecord
+from .keysafe import KeyRecord, KeyRef, KeySafe
 from .sectors import SECTOR_SIZE, sector_len, sector_span, sector_to_plain_off
 from .xts import SectorCipher
 
@@ -29,6 +29,7 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+REVOKE_POLL_S = 2.0
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -74,6 +75,7 @@ class EncryptedFile:
     """Shared state of one encrypted backing file: its cipher and its lock."""
 
     cipher: SectorCipher
+    kek: KeyRef | None = None  # the KEK its DEK is wrapped under (on_revoke = "lock" refuses I/O when revoked)
     lock: RWLock = field(default_factory=RWLock)
     opens: int = 0
 
@@ -115,6 +117,7 @@ class VmfsCryptFS(mfusepy.Operations):
         self._encrypted: dict[str, EncryptedFile] = {}
         self._descriptors: dict[str, DescriptorFile] = {}
         self._ciphers: dict[tuple[str, str], SectorCipher] = {}
+        self._revoked: set[KeyRef] = set()  # KEKs revoked under on_revoke = "lock", as the agent reports
 
     # -- helpers -----------------------------------------------------------------------
     def _real(self, path: str) -> str:
@@ -147,7 +150,7 @@ class VmfsCryptFS(mfusepy.Operations):
             self._handles[fh] = handle
             return fh
 
-    def _cipher_for(self, real: str, size: int) -> SectorCipher:
+    def _cipher_for(self, real: str, size: int) -> tuple[SectorCipher, KeyRef]:
         """Ask the agent for the DEK of an encrypted file (allocating one for an empty file without a key)."""
         folder = self._folder(real)
         name = os.path.basename(real)
@@ -164,7 +167,7 @@ class VmfsCryptFS(mfusepy.Operations):
             dek = self.agent.unwrap(record, what)
             cipher = self._ciphers[cache_key] = SectorCipher(dek)
             del dek
-        return cipher
+        return cipher, record.keysafe.kek
 
     def _allocate_key(self, folder: VmFolder, name: str) -> KeyRecord:
         keys = folder.load_keys()
@@ -205,8 +208,28 @@ class VmfsCryptFS(mfusepy.Operations):
 
     # -- lifecycle ---------------------------------------------------------------------
     def init(self, path):
+        threading.Thread(target=self._watch_revocations, daemon=True, name="revocations").start()
         if self.on_init:
             self.on_init()
+
+    def _watch_revocations(self) -> None:
+        """Every REVOKE_POLL_S, learn from the agent which KEKs were revoked under on_revoke = "lock"."""
+        while not threading.Event().wait(REVOKE_POLL_S):
+            try:
+                locked = self.agent.request("locked")["locked"]
+            except (VmfsCryptError, OSError, ValueError):
+                continue
+            revoked = {KeyRef(e["provider"], e["keyId"]) for e in locked if e.get("lock_open")}
+            if revoked - self._revoked:
+                with self._meta_lock:  # forget their DEKs for new opens too
+                    for key in [k for k in self._ciphers if KeySafe.from_locator(k[0], "cache").kek in revoked]:
+                        del self._ciphers[key]
+                log.warning("revoked, disks under them locked now: %s", ", ".join(map(str, revoked)))
+            self._revoked = revoked
+
+    def _check_revoked(self, enc: EncryptedFile, real: str, what: str) -> None:
+        if enc.kek in self._revoked:
+            raise self._fault(ProviderError(f"{enc.kek} was revoked (on_revoke = \"lock\")"), real, what)
 
     # -- metadata ----------------------------------------------------------------------
     def getattr(self, path, fh=None):
@@ -353,7 +376,7 @@ class VmfsCryptFS(mfusepy.Operations):
             if enc is None:
                 size = os.fstat(fd).st_size
                 self._check_extent_length(real, size)
-                enc = EncryptedFile(self._cipher_for(real, size))
+                enc = EncryptedFile(*self._cipher_for(real, size))
                 self._encrypted[real] = enc
             enc.opens += 1
         return Handle("encrypted", real, fd, enc=enc)
@@ -469,6 +492,7 @@ class VmfsCryptFS(mfusepy.Operations):
             with handle.desc.lock:
                 return bytes(handle.desc.view[offset:offset + size])
         enc = handle.enc
+        self._check_revoked(enc, handle.real, f"read at byte {offset}")
         enc.lock.acquire_read()
         try:
             return self._read_plain(handle, size, offset)
@@ -509,6 +533,7 @@ class VmfsCryptFS(mfusepy.Operations):
             if self._become_descriptor(handle):
                 return self._write_descriptor(handle.desc, data, offset)
         enc = handle.enc
+        self._check_revoked(enc, handle.real, f"write at byte {offset}")
         enc.lock.acquire_write()
         try:
             self._write_plain(handle, data, offset)
