@@ -129,7 +129,8 @@ def decrypt_file(dek: bytes, backing: bytes) -> bytes:
     out = bytearray()
     for i in range(0, len(backing), SECTOR):
         unit = backing[i:i + SECTOR]
-        out += bytes(len(unit)) if not any(unit) else xts_unit(dek, i // SECTOR, unit, encrypt=False)
+        is_hole = not any(unit) and len(unit) >= 16  # section 3.4: short last sectors are never holes
+        out += bytes(len(unit)) if is_hole else xts_unit(dek, i // SECTOR, unit, encrypt=False)
     return bytes(out)
 
 
@@ -333,7 +334,7 @@ def test_decrypt_a_disk_encrypted_by_the_cli(venv_env):
                 stored = f.read()
             assert len(stored) == len(data)
             if name == "tail-zero.bin":
-                assert stored[1024:] == bytes(7), "an all-zero partial last sector is stored as a hole"
+                assert stored[1024:] != bytes(7), "a partial last sector under 16 bytes is never a hole"
             else:
                 assert stored != data, name
 
@@ -394,10 +395,9 @@ def test_decrypt_a_disk_written_through_the_mount(venv_env):
     assert where == ".vmfs-crypt.json" and got == b"x" * 517
 
 
-# ==== vmfs-crypt's own reader and a known flaw of format version 1 ==============================
-@pytest.mark.xfail(reason="FORMAT.md section 11 item 1: a short last sector that encrypts to zeros reads as a hole",
-                   strict=False)
+# ==== vmfs-crypt's own reader: short last sectors that encrypt to zeros ==============================
 def test_short_last_sector_that_encrypts_to_zeros():
+    """Section 3.4: a partial last sector under 16 bytes is never a hole, even when its ciphertext is zero."""
     from vmfs_crypt.holes import decrypt_sectors
     from vmfs_crypt.xts import SectorCipher
 

@@ -140,11 +140,13 @@ def test_locator_accepts_unescaped_characters():
     assert KeySafe.from_locator(raw, "t") == KeySafe(KeyRef("local", "k1"), WRAPPED)
 
 
-def test_non_canonical_base64_gives_the_same_bytes():
-    """FORMAT.md section 11 item 4: lenient base64 decoding cannot change a key (the bytes are the same)."""
+def test_non_canonical_base64_is_rejected():
+    """FORMAT.md section 1: only canonical base64 (re-encoding gives the input back) is accepted."""
     blob = base64.b64encode(WRAPPED).decode().replace("/", "%2f")
-    assert KeySafe.from_locator(_locator(blob=blob + "%3d"), "t").wrapped == WRAPPED
-    assert EncryptionData.decode(data_b64() + "=", "t").raw == base64.b64decode(data_b64())
+    with pytest.raises(FormatError):
+        KeySafe.from_locator(_locator(blob=blob + "%3d"), "t")
+    with pytest.raises(FormatError):
+        EncryptionData.decode(data_b64() + "=", "t")
 
 
 # -- the data record ------------------------------------------------------------------------------

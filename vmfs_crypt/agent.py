@@ -385,12 +385,12 @@ class AgentClient:
 
     def new_file_key(self, kek: KeyRef) -> tuple[KeyRecord, bytes]:
         resp = self.request("new_file_key", provider=kek.provider_id, keyId=kek.key_id)
-        record = KeyRecord.from_json(resp, "new key")
+        record = KeyRecord.from_json({k: resp[k] for k in ("keySafe", "data")}, "new key")
         return record, base64.b64decode(resp["dek"])
 
     def rewrap(self, record: KeyRecord, kek: KeyRef, what: str) -> KeyRecord:
         resp = self.request("rewrap", what=what, provider=kek.provider_id, keyId=kek.key_id, **record.as_json())
-        return KeyRecord.from_json(resp, what)
+        return KeyRecord.from_json({k: resp[k] for k in ("keySafe", "data")}, what)
 
     def stop(self) -> None:
         try:

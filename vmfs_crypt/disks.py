@@ -7,15 +7,16 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from .agent import AgentClient
-from .atomicio import fsync_dir, write_atomic
+from .atomicio import ATOMIC_TMP_PREFIX, fsync_dir, write_atomic
 from .descriptor import (extents, flat_descriptor, format_encryption_lines, insert_encryption_lines,
                          is_descriptor, read_key_record, strip_encryption_lines)
 from .errors import DataError, FormatError, UsageError
-from .folder import (FOLDER_KEYS_NAME, JOURNAL_NAME, TMP_PREFIX, FolderKeys, VmFolder, is_hidden_name,
+from .folder import (FOLDER_KEYS_NAME, HIDDEN_PREFIX, JOURNAL_NAME, TMP_PREFIX, FolderKeys, VmFolder, is_hidden_name,
                      is_plaintext_name, read_head)
 from .holes import decrypt_sectors, nonzero_runs
 from .keysafe import KeyRecord
 from .sectors import SECTOR_SIZE
+from .strict import check_members, exact_int, json_object
 from .xts import SectorCipher
 
 CHUNK_SIZE = 4 << 20  # bytes per read/encrypt/write step of encrypt and decrypt
@@ -53,18 +54,38 @@ def _apply_journal(folder: VmFolder, doc: dict) -> None:
     fsync_dir(folder.backing_dir)
 
 
+def _plain_name(name) -> bool:
+    return isinstance(name, str) and bool(name) and "/" not in name and "\0" not in name and name not in (".", "..")
+
+
+def _read_journal(path: str) -> dict:
+    """The journal, validated before anything is touched: a crafted one must not move files elsewhere."""
+    with open(path, "rb") as f:
+        doc = json_object(f.read(), path)
+    check_members(doc, {"version", "renames", "keys"}, path)
+    if not exact_int(doc["version"], 1):
+        raise FormatError(f"{path}: journal version {doc['version']!r} is not supported; upgrade vmfs-crypt")
+    renames = doc["renames"]
+    if not isinstance(renames, list) or not all(
+            isinstance(r, list) and len(r) == 2 and all(_plain_name(n) for n in r) and r[0].startswith(TMP_PREFIX)
+            for r in renames):
+        raise FormatError(f"{path}: malformed renames in the journal of an interrupted operation; "
+                          "inspect the folder by hand before continuing")
+    if doc["keys"] is not None:
+        if not isinstance(doc["keys"], str):
+            raise FormatError(f"{path}: malformed keys in the journal")
+        FolderKeys.from_bytes(doc["keys"].encode("utf-8"), f"{path} (new folder key file)")
+    return doc
+
+
 def recover(folder: VmFolder) -> str | None:
     """Finish or undo an interrupted encrypt/decrypt in this folder; say what was done."""
     path = _journal_path(folder)
     if os.path.exists(path):
-        try:
-            with open(path, "rb") as f:
-                doc = json.loads(f.read())
-        except ValueError:
-            raise FormatError(f"{path}: damaged journal of an interrupted operation; inspect it before continuing") from None
-        _apply_journal(folder, doc)
+        _apply_journal(folder, _read_journal(path))
         return f"{folder.backing_dir}: finished an interrupted operation"
-    stray = [n for n in os.listdir(folder.backing_dir) if n.startswith(TMP_PREFIX)]
+    stray = [n for n in os.listdir(folder.backing_dir)
+             if n.startswith((TMP_PREFIX, ATOMIC_TMP_PREFIX, "." + HIDDEN_PREFIX))]
     for name in stray:
         os.unlink(os.path.join(folder.backing_dir, name))
     return f"{folder.backing_dir}: removed {len(stray)} incomplete temporary files" if stray else None

@@ -8,6 +8,7 @@ from .atomicio import write_atomic
 from .descriptor import extents, is_descriptor, read_key_record
 from .errors import FormatError
 from .keysafe import FORMAT_VERSION, KNOWN_FEATURES, KeyRecord, KeyRef
+from .strict import check_members, check_version_features, json_object
 
 FOLDER_KEYS_NAME = ".vmfs-crypt.json"
 FOLDER_FORMAT = "vmfs-crypt-folder"
@@ -30,7 +31,7 @@ TMP_PREFIX = ".vmfs-crypt-tmp."
 
 def is_hidden_name(name: str) -> bool:
     """Our own metadata and temporary files (all named .vmfs-crypt*), which the mount does not show."""
-    return name.startswith(HIDDEN_PREFIX) or name.startswith(f".{FOLDER_KEYS_NAME}.tmp-")
+    return name.startswith(HIDDEN_PREFIX) or name.startswith("." + HIDDEN_PREFIX)
 
 
 def read_head(path: str) -> bytes:
@@ -60,20 +61,11 @@ class FolderKeys:
 
     @classmethod
     def from_bytes(cls, raw: bytes, what: str) -> "FolderKeys":
-        try:
-            doc = json.loads(raw.decode("utf-8"))
-        except (ValueError, UnicodeError):
-            raise FormatError(f"{what}: not valid JSON; restore it from a backup") from None
-        if not isinstance(doc, dict) or doc.get("format") != FOLDER_FORMAT:
+        doc = json_object(raw, what)
+        if doc.get("format") != FOLDER_FORMAT:
             raise FormatError(f"{what}: not a vmfs-crypt folder key file")
-        if doc.get("version") != FORMAT_VERSION:
-            raise FormatError(f"{what}: format version {doc.get('version')!r} is not supported (this vmfs-crypt "
-                              f"reads version {FORMAT_VERSION}); upgrade vmfs-crypt")
-        features = doc.get("features")
-        if not isinstance(features, list) or any(f not in KNOWN_FEATURES for f in features):
-            raise FormatError(f"{what}: unknown features {features!r}; upgrade vmfs-crypt")
-        if set(doc) != {"format", "version", "features", "kek", "files"}:
-            raise FormatError(f"{what}: unexpected fields {sorted(doc)}")
+        check_version_features(doc, FORMAT_VERSION, KNOWN_FEATURES, what)
+        check_members(doc, {"format", "version", "features", "kek", "files"}, what)
         kek = doc["kek"]
         if (not isinstance(kek, dict) or set(kek) != {"provider", "keyId"}
                 or not all(isinstance(v, str) and v for v in kek.values())):
@@ -127,9 +119,14 @@ class VmFolder:
                 raw = f.read(1 << 20)
             if b"encryption." not in raw:
                 continue
-            if any(ext.file_name == name for ext in extents(raw)):
+            listed = extents(raw)
+            if any(ext.file_name == name for ext in listed):
                 record = read_key_record(raw, path)
                 if record is not None:
+                    if len(listed) != 1:
+                        # One DEK with the same tweaks for several files would repeat keystreams.
+                        raise FormatError(f"{path}: has encryption lines but {len(listed)} extents; only "
+                                          "single-extent descriptors carry a key (FORMAT.md 6.2)")
                     return entry, record
         return None
 

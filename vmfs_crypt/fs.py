@@ -17,7 +17,7 @@ from .descriptor import (DESCRIPTOR_MAGIC, encryption_lines, extents, insert_enc
 from .errors import AgentError, DataError, KeyUnwrapError, ProviderError, VmfsCryptError
 from .folder import FOLDER_KEYS_NAME, FolderKeys, VmFolder, is_hidden_name, is_plaintext_name
 from .atomicio import write_atomic
-from .holes import decrypt_sectors
+from .holes import MIN_HOLE_TAIL, decrypt_sectors
 from .keysafe import KeyRecord, KeyRef, KeySafe
 from .sectors import SECTOR_SIZE, sector_len, sector_span, sector_to_plain_off
 from .xts import SectorCipher
@@ -589,12 +589,19 @@ class VmfsCryptFS(mfusepy.Operations):
         new_len = sector_len(target, new_size)
         old_plain = self._read_sectors(handle, target, 1, old_size)
         new_plain = (old_plain + bytes(SECTOR_SIZE))[:new_len]
-        if not any(new_plain):
+        if not any(new_plain) and new_len >= MIN_HOLE_TAIL:
             # An all-zero sector is stored as zeros: a hole, which reads back as zeros.
             if old_plain:
                 os.pwrite(handle.fd, bytes(len(old_plain)), sector_to_plain_off(target))
             return
         os.pwrite(handle.fd, handle.enc.cipher.encrypt(target, new_plain), sector_to_plain_off(target))
+
+    def _seal_new_short_tail(self, handle: Handle, old_size: int, new_size: int) -> None:
+        """After growing by truncate/fallocate: a new last sector under 16 bytes is not a hole, so encrypt its zeros."""
+        tail_len = new_size % SECTOR_SIZE
+        tail_start = new_size - tail_len
+        if 0 < tail_len < MIN_HOLE_TAIL and tail_start >= old_size:
+            os.pwrite(handle.fd, handle.enc.cipher.encrypt(tail_start // SECTOR_SIZE, bytes(tail_len)), tail_start)
 
     def _write_plain(self, handle: Handle, data: bytes, offset: int) -> None:
         """Encrypt `data` at `offset`, reading back the untouched parts of partial edge sectors."""
@@ -672,6 +679,7 @@ class VmfsCryptFS(mfusepy.Operations):
                 return
             self._reencode_tail(handle, old_size, length)
             os.ftruncate(handle.fd, length)
+            self._seal_new_short_tail(handle, old_size, length)
         finally:
             handle.enc.lock.release_write()
 
@@ -696,15 +704,19 @@ class VmfsCryptFS(mfusepy.Operations):
         old_size = os.fstat(handle.fd).st_size
         end = offset + size
         if not mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
-            if not mode & FALLOC_FL_KEEP_SIZE and end > old_size:
+            grows = not mode & FALLOC_FL_KEEP_SIZE and end > old_size
+            if grows:
                 self._reencode_tail(handle, old_size, end)
             _fallocate(handle.fd, mode, offset, size)
+            if grows:
+                self._seal_new_short_tail(handle, old_size, end)
             return
         # Discard: whole sectors become holes in the backing file (holes read as zeros);
         # partial sectors at either edge are rewritten with encrypted zeros.
         if not mode & FALLOC_FL_KEEP_SIZE and end > old_size:
             self._reencode_tail(handle, old_size, end)
             os.ftruncate(handle.fd, end)
+            self._seal_new_short_tail(handle, old_size, end)
             old_size = end
         clip_end = min(end, old_size)
         if clip_end <= offset:

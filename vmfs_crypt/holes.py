@@ -1,19 +1,27 @@
-"""Sparse files: an all-zero sector in a backing file is a hole and reads as plaintext zeros (docs/FORMAT.md)."""
+"""Sparse files: an all-zero sector in a backing file is a hole and reads as plaintext zeros (docs/FORMAT.md 3.4)."""
 
 import numpy as np
 
-from .sectors import SECTOR_SIZE
+from .sectors import SECTOR_SIZE, XTS_BLOCK_SIZE
 from .xts import SectorCipher
+
+MIN_HOLE_TAIL = XTS_BLOCK_SIZE  # shorter partial last sectors are never holes
 
 
 def zero_sector_mask(data) -> np.ndarray:
-    """For each (possibly partial last) sector of `data`: is every byte zero?"""
+    """For each sector of `data`: is it all zero and so a hole (in ciphertext) or storable as one (in plaintext)?
+
+    A partial last sector shorter than 16 bytes is never a hole: its ciphertext is an XOR
+    pad (FORMAT.md 3.3), which is all zero for one plaintext in 2^(8r), so it is always
+    stored encrypted.
+    """
     n_full = len(data) // SECTOR_SIZE
     arr = np.frombuffer(data, dtype=np.uint8)
     mask = np.zeros(-(-len(data) // SECTOR_SIZE), dtype=bool)
     if n_full:
         mask[:n_full] = ~arr[: n_full * SECTOR_SIZE].reshape(n_full, SECTOR_SIZE).any(axis=1)
-    if len(data) % SECTOR_SIZE:
+    tail = len(data) % SECTOR_SIZE
+    if tail >= MIN_HOLE_TAIL:
         mask[-1] = not arr[n_full * SECTOR_SIZE:].any()
     return mask
 

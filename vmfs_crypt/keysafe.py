@@ -1,7 +1,6 @@
 """Key safe: the VMware-style key locator string and the encryption.data record that together hold a wrapped DEK."""
 
 import base64
-import binascii
 import json
 import re
 import secrets
@@ -9,6 +8,7 @@ from dataclasses import dataclass, field
 
 from .errors import FormatError
 from .keywrap import WRAP_ALGORITHM, WRAPPED_DEK_SIZE, unwrap_dek, wrap_dek
+from .strict import b64decode_canonical, check_members, check_version_features, exact_int, json_object
 
 FORMAT_VERSION = 1
 KNOWN_FEATURES: frozenset[str] = frozenset()  # none yet; any listed feature fails closed
@@ -86,25 +86,11 @@ class EncryptionData:
 
     @classmethod
     def decode(cls, text: str, what: str) -> "EncryptionData":
-        try:
-            raw = base64.b64decode(text.encode("ascii"), validate=True)
-            record = json.loads(raw.decode("utf-8"))
-        except (ValueError, UnicodeError, binascii.Error):
-            raise FormatError(f"{what}: encryption.data is not valid base64 JSON") from None
-        if not isinstance(record, dict):
-            raise FormatError(f"{what}: encryption.data is not a JSON object")
-        version = record.get("version")
-        if version != FORMAT_VERSION:
-            raise FormatError(f"{what}: encryption format version {version!r} is not supported by this "
-                              f"vmfs-crypt (it reads version {FORMAT_VERSION}); upgrade vmfs-crypt")
-        features = record.get("features")
-        if not isinstance(features, list) or any(f not in KNOWN_FEATURES for f in features):
-            raise FormatError(f"{what}: encryption.data lists features {features!r} this vmfs-crypt does "
-                              "not know; upgrade vmfs-crypt")
-        expected = {"cipher", "features", "id", "sectorSize", "version"}
-        if set(record) != expected:
-            raise FormatError(f"{what}: encryption.data has fields {sorted(record)}, expected {sorted(expected)}")
-        if record["cipher"] != CIPHER_NAME or record["sectorSize"] != 512:
+        raw = b64decode_canonical(text, what, "encryption.data")
+        record = json_object(raw, f"{what}: encryption.data")
+        check_version_features(record, FORMAT_VERSION, KNOWN_FEATURES, f"{what}: encryption.data")
+        check_members(record, {"cipher", "features", "id", "sectorSize", "version"}, f"{what}: encryption.data")
+        if record["cipher"] != CIPHER_NAME or not exact_int(record["sectorSize"], 512):
             raise FormatError(f"{what}: cipher {record['cipher']!r} with sector size {record['sectorSize']!r} "
                               f"is not supported (only {CIPHER_NAME} with 512-byte sectors)")
         if not isinstance(record["id"], str) or not _ID_RE.fullmatch(record["id"]):
@@ -139,10 +125,7 @@ class KeySafe:
             raise FormatError(f"{what}: the key locator names no provider or no key id")
         if algorithm != WRAP_ALGORITHM:
             raise FormatError(f"{what}: wrap algorithm {algorithm!r} is not supported (only {WRAP_ALGORITHM})")
-        try:
-            wrapped = base64.b64decode(blob.encode("ascii"), validate=True)
-        except (ValueError, binascii.Error):
-            raise FormatError(f"{what}: the wrapped key is not valid base64") from None
+        wrapped = b64decode_canonical(blob, what, "the wrapped key")
         if len(wrapped) != WRAPPED_DEK_SIZE:
             raise FormatError(f"{what}: the wrapped key is {len(wrapped)} bytes, expected {WRAPPED_DEK_SIZE}")
         return cls(kek=KeyRef(provider_id, key_id), wrapped=wrapped, algorithm=algorithm)
@@ -171,6 +154,7 @@ class KeyRecord:
 
     @classmethod
     def from_json(cls, obj, what: str) -> "KeyRecord":
-        if not isinstance(obj, dict) or not isinstance(obj.get("keySafe"), str) or not isinstance(obj.get("data"), str):
-            raise FormatError(f"{what}: a key entry needs string fields keySafe and data")
+        if (not isinstance(obj, dict) or set(obj) != {"keySafe", "data"}
+                or not isinstance(obj["keySafe"], str) or not isinstance(obj["data"], str)):
+            raise FormatError(f"{what}: a key entry must be exactly {{\"keySafe\": ..., \"data\": ...}} with string values")
         return cls.parse(obj["keySafe"], obj["data"], what)

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from ..atomicio import write_atomic
 from ..errors import ConfigError, FormatError, KeyFilePermissionError, KeyNotFoundError
+from ..strict import b64decode_canonical, check_members, check_version_features, json_object
 from .base import KeyProvider
 
 PRIMARY_KEY_SIZE = 32
@@ -41,17 +42,17 @@ def _check_private(path: str) -> None:
         raise KeyFilePermissionError(f"{path}: key file belongs to uid {st.st_uid}, not to you (uid {os.geteuid()})")
 
 
-def _parse_key_doc(raw: bytes, path: str, fmt: str) -> dict:
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (ValueError, UnicodeError):
-        raise FormatError(f"{path}: not a vmfs-crypt key file (not JSON)") from None
-    if not isinstance(doc, dict) or doc.get("format") != fmt:
+def _parse_key_doc(raw: bytes, path: str, fmt: str, members: set[str]) -> dict:
+    doc = json_object(raw, path)
+    if doc.get("format") != fmt:
         raise FormatError(f"{path}: not a {fmt} file")
-    if doc.get("version") != KEY_FILE_VERSION or doc.get("features", []) != []:
-        raise FormatError(f"{path}: version {doc.get('version')!r} / features {doc.get('features')!r} "
-                          "not supported; upgrade vmfs-crypt")
+    check_version_features(doc, KEY_FILE_VERSION, frozenset(), path)
+    check_members(doc, members, path)
     return doc
+
+
+_KEY_FILE_MEMBERS = {"format", "version", "features", "provider", "key"}
+_BACKUP_MEMBERS = {"format", "version", "features", "provider", "kdf", "nonce", "sealed"}
 
 
 class NativeKeyProvider(KeyProvider):
@@ -84,11 +85,10 @@ class NativeKeyProvider(KeyProvider):
             except FileNotFoundError:
                 raise ConfigError(f"provider {self.name}: key file {self.key_file} is missing; restore it with "
                                   f"'vmfs-crypt provider restore {self.name} BACKUP'") from None
-            doc = _parse_key_doc(raw, self.key_file, KEY_FILE_FORMAT)
-            try:
-                key = base64.b64decode(doc["key"], validate=True)
-            except (KeyError, ValueError, TypeError):
-                raise FormatError(f"{self.key_file}: the key field is missing or not base64") from None
+            doc = _parse_key_doc(raw, self.key_file, KEY_FILE_FORMAT, _KEY_FILE_MEMBERS)
+            if not isinstance(doc["key"], str):
+                raise FormatError(f"{self.key_file}: the key field must be a base64 string")
+            key = b64decode_canonical(doc["key"], self.key_file, "the key field")
             if len(key) != PRIMARY_KEY_SIZE:
                 raise FormatError(f"{self.key_file}: the primary key is {len(key)} bytes, expected {PRIMARY_KEY_SIZE}")
             self._primary = key
@@ -146,20 +146,25 @@ class NativeKeyProvider(KeyProvider):
         """Recreate a primary key file from a backup (refusing to overwrite a different key)."""
         try:
             with open(backup_path, "rb") as f:
-                doc = _parse_key_doc(f.read(), backup_path, BACKUP_FORMAT)
+                doc = _parse_key_doc(f.read(), backup_path, BACKUP_FORMAT, _BACKUP_MEMBERS)
         except FileNotFoundError:
             raise ConfigError(f"{backup_path}: no such backup file") from None
-        try:
-            header = {k: doc[k] for k in ("format", "version", "features", "provider", "kdf", "nonce")}
-            kdf = doc["kdf"]
-            if kdf.get("name") != "scrypt":
-                raise FormatError(f"{backup_path}: unknown key derivation {kdf.get('name')!r}")
-            salt = base64.b64decode(kdf["salt"], validate=True)
-            nonce = base64.b64decode(doc["nonce"], validate=True)
-            sealed = base64.b64decode(doc["sealed"], validate=True)
-            key = Scrypt(salt=salt, length=32, n=int(kdf["n"]), r=int(kdf["r"]), p=int(kdf["p"])).derive(passphrase)
-        except (KeyError, ValueError, TypeError):
-            raise FormatError(f"{backup_path}: damaged backup file") from None
+        kdf = doc["kdf"]
+        # Only the parameters we write: a crafted file must not make scrypt take unbounded memory.
+        if (not isinstance(kdf, dict) or set(kdf) != {"name", "n", "r", "p", "salt"} or kdf["name"] != "scrypt"
+                or (kdf["n"], kdf["r"], kdf["p"]) != (SCRYPT_N, SCRYPT_R, SCRYPT_P)
+                or not all(type(kdf[k]) is int for k in ("n", "r", "p"))):
+            raise FormatError(f"{backup_path}: unsupported key derivation {kdf!r}; expected scrypt "
+                              f"n={SCRYPT_N} r={SCRYPT_R} p={SCRYPT_P}")
+        if not all(isinstance(v, str) for v in (kdf["salt"], doc["nonce"], doc["sealed"])):
+            raise FormatError(f"{backup_path}: damaged backup file (salt, nonce and sealed must be base64 strings)")
+        salt = b64decode_canonical(kdf["salt"], backup_path, "kdf.salt")
+        nonce = b64decode_canonical(doc["nonce"], backup_path, "nonce")
+        sealed = b64decode_canonical(doc["sealed"], backup_path, "sealed")
+        if len(salt) != 16 or len(nonce) != 12 or len(sealed) != PRIMARY_KEY_SIZE + 16:
+            raise FormatError(f"{backup_path}: damaged backup file (salt, nonce or sealed key has the wrong length)")
+        header = {k: doc[k] for k in ("format", "version", "features", "provider", "kdf", "nonce")}
+        key = Scrypt(salt=salt, length=32, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P).derive(passphrase)
         aad = json.dumps(header, sort_keys=True).encode("utf-8")
         try:
             primary = AESGCM(key).decrypt(nonce, sealed, aad)
