@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     print("Ctrl-C stops the server (keys stay in the database; restart with --dir "
           f"{q(directory)} --port {server.port}).", flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (nohup, &)
     try:
         while True:
             signal.pause()

@@ -175,7 +175,9 @@ class PyKmipServer:
         env = dict(os.environ, PYTHONWARNINGS="ignore")
         self.proc = subprocess.Popen([sys.executable, "-m", "kmip.services.server.server", "-f", self.conf_path,
                                       "-l", self.log_path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+                                     stderr=subprocess.DEVNULL, start_new_session=True, env=env,
+                                     # it stops on SIGINT, even when we were started with SIGINT ignored
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             wait_for_port(self.host, self.port, deadline_s, self.proc)
         except Exception:

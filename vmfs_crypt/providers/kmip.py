@@ -11,6 +11,19 @@ does not fail over.
 TLS: we open the socket ourselves with an ssl.SSLContext that requires the server to chain
 to the configured CA AND to carry the configured host name (PyKMIP's own client checks no
 host name), present the client certificate, and hand the connected socket to PyKMIP.
+
+Outages (as in vSphere): open disks keep working (the mount holds their DEKs, the agent its
+cached KEKs); a KEK that cannot be fetched locks the disks under it (EACCES, 'vmfs-crypt
+status' lists them; 'vmfs-crypt unlock' or the agent's periodic retry brings them back).
+Revocation policy, per provider (on_revoke):
+  "keep" (default): disks already open, and new opens under a KEK the agent has cached, keep
+         working until unmount / agent restart; fetching a revoked KEK fails ("key 17 was revoked").
+  "lock": the agent re-checks the state of cached KEKs every [agent] retry_interval seconds
+         (default 30) and drops revoked or destroyed ones; the mount asks the agent every 2 s
+         and then refuses reads and writes to disks under them. Pages already in the kernel's
+         page cache stay readable until evicted (QEMU with cache=none bypasses that cache).
+PyKMIP deletes destroyed keys, so a destroyed key and an unknown id look the same to us
+(ITEM_NOT_FOUND): the error says "destroyed there, or never existed there".
 """
 
 import logging
