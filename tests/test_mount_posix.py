@@ -230,3 +230,47 @@ def test_descriptor_view_round_trip(enc_env):
     assert tree_hashes(os.path.join(enc_env.datastore, "vm1"))["disk-flat.vmdk"] == before["disk-flat.vmdk"]
     with mounted(enc_env) as mnt:
         enc_env.tool("qemu-img", "info", os.path.join(mnt, "vm1", "disk.vmdk"))
+
+
+def test_rename_over_an_open_file_switches_keys(enc_env):
+    """After `mv a b`, new opens of b read a's data with a's key; handles open on the old b keep theirs."""
+    with mounted(enc_env) as mnt:
+        vm = os.path.join(mnt, "vm1")
+        for name, byte in (("a.nvram", b"A"), ("b.nvram", b"B")):
+            with open(os.path.join(vm, name), "wb") as f:
+                f.write(byte * 3000)
+        old_b = open(os.path.join(vm, "b.nvram"), "rb")
+        try:
+            os.rename(os.path.join(vm, "a.nvram"), os.path.join(vm, "b.nvram"))
+            with open(os.path.join(vm, "b.nvram"), "rb") as f:
+                assert f.read() == b"A" * 3000
+            assert old_b.read() == b"B" * 3000
+        finally:
+            old_b.close()
+        assert sorted(os.listdir(vm)) == ["b.nvram", "disk-flat.vmdk", "disk.vmdk"]
+    with mounted(enc_env) as mnt:
+        with open(os.path.join(mnt, "vm1", "b.nvram"), "rb") as f:
+            assert f.read() == b"A" * 3000
+
+
+def test_descriptor_unlinked_while_open_stays_deleted(enc_env):
+    with mounted(enc_env) as mnt:
+        path = os.path.join(mnt, "vm1", "disk.vmdk")
+        f = open(path, "r+b")
+        try:
+            f.write(b"# Disk DescriptorFile\n")
+            os.unlink(path)
+        finally:
+            f.close()
+        assert not os.path.exists(path)
+    assert not os.path.exists(os.path.join(enc_env.datastore, "vm1", "disk.vmdk"))
+
+
+def test_descriptor_keeps_vmdk_name(enc_env):
+    with mounted(enc_env) as mnt:
+        vm = os.path.join(mnt, "vm1")
+        with pytest.raises(OSError) as exc:
+            os.rename(os.path.join(vm, "disk.vmdk"), os.path.join(vm, "disk.bak"))
+        assert exc.value.errno == errno.EXDEV
+        os.rename(os.path.join(vm, "disk.vmdk"), os.path.join(vm, "renamed.vmdk"))
+        enc_env.tool("qemu-img", "info", os.path.join(vm, "renamed.vmdk"))

@@ -89,6 +89,7 @@ class DescriptorFile:
     key_lines: list[bytes]
     mode: int
     dirty: bool = False
+    deleted: bool = False  # unlinked while open: never written back
     opens: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -305,7 +306,10 @@ class VmfsCryptFS(mfusepy.Operations):
         name = os.path.basename(real)
         with self._meta_lock:
             os.unlink(real)
-            self._descriptors.pop(real, None)
+            desc = self._descriptors.pop(real, None)
+            if desc is not None:
+                desc.deleted = True
+            self._encrypted.pop(real, None)  # open handles keep their own state
             if folder.encrypted:
                 keys = folder.load_keys()
                 if keys.files.pop(name, None) is not None:
@@ -322,8 +326,11 @@ class VmfsCryptFS(mfusepy.Operations):
                 os.rename(real_old, real_new)
                 return
             new_name = os.path.basename(real_new)
+            # libfuse hides a file unlinked while open by renaming it to .fuse_hiddenXXXX and
+            # unlinks that at release: such a rename keeps the file's kind whatever the name.
+            hiding = new_name.startswith(".fuse_hidden")
             if kind_old == "encrypted":
-                if not dst.encrypted or is_plaintext_name(new_name):
+                if not dst.encrypted or (is_plaintext_name(new_name) and not hiding):
                     # The bytes would change meaning: let the tool copy (decrypting) instead.
                     raise mfusepy.FuseOSError(errno.EXDEV)
                 record = src.key_record_for(os.path.basename(real_old))
@@ -339,14 +346,29 @@ class VmfsCryptFS(mfusepy.Operations):
                 elif src.keys_path == dst.keys_path:
                     dst_keys.files.pop(os.path.basename(real_old), None)
                     dst.save_keys(dst_keys)
-            else:
-                new_encrypted_class = dst.encrypted and not is_plaintext_name(new_name) and kind_old != "descriptor"
-                if new_encrypted_class:
+            elif not hiding:
+                if kind_old == "descriptor":
+                    # Plaintext at rest only because it is a .vmdk descriptor (FORMAT.md 7.2).
+                    if dst.encrypted and not new_name.lower().endswith(".vmdk"):
+                        raise mfusepy.FuseOSError(errno.EXDEV)
+                elif dst.encrypted and not is_plaintext_name(new_name):
                     raise mfusepy.FuseOSError(errno.EXDEV)
                 os.rename(real_old, real_new)
+            else:
+                os.rename(real_old, real_new)
+            # Whatever was at the new name is replaced: its open handles keep their own state,
+            # new opens must see the renamed file's.
             for table in (self._encrypted, self._descriptors):
+                replaced = table.pop(real_new, None)
+                if isinstance(replaced, DescriptorFile):
+                    replaced.deleted = True
                 if real_old in table:
                     table[real_new] = table.pop(real_old)
+            if real_new in self._descriptors:
+                self._descriptors[real_new].real = real_new
+            for handle in self._handles.values():
+                if handle.real == real_old:
+                    handle.real = real_new
 
     def link(self, target, source):
         real_src, real_dst = self._real(source), self._real(target)
@@ -467,7 +489,7 @@ class VmfsCryptFS(mfusepy.Operations):
     # -- descriptors -------------------------------------------------------------------
     def _flush_descriptor(self, desc: DescriptorFile) -> None:
         with desc.lock:
-            if not desc.dirty:
+            if not desc.dirty or desc.deleted:
                 return
             if os.path.exists(desc.real):
                 desc.mode = stat.S_IMODE(os.stat(desc.real).st_mode)
