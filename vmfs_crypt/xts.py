@@ -1,12 +1,13 @@
 """Sector cipher: XTS-AES-256 over 512-byte sectors, tweak = sector number (aes-xts-plain64).
 
-The bulk path (`_xts_units`) encrypts many XTS data units in one go: the tweaks of all
-units go through one AES-ECB call under the tweak key, the masks T_j = T_0 * alpha^j are
-computed with numpy, and the masked blocks go through one AES-ECB call under the data
-key. It works on chunks of at most 64 KiB held in reusable scratch buffers, so that the
-temporaries stay in the CPU cache whatever the size of the call, and writes straight into
-the caller's result buffer. The result is byte-identical to one XTS data unit per sector
-(checked against NIST CAVP vectors, cryptography's XTS and botan in tests/test_xts.py).
+The bulk path (`_xts_units`, `_bulk`) encrypts many XTS data units in one go: the tweaks
+of all units go through one AES call under the tweak key, the masks T_j = T_0 * alpha^j
+are computed with numpy, and the masked blocks go through one AES-ECB pass under the data
+key (see `_Ecb` for why that pass is an XTS context with a zero tweak). Large calls are
+cut into chunks of at most 256 KiB worked in reusable scratch arrays, and every result
+is written straight into the caller's output buffer. The result is byte-identical to one
+XTS data unit per sector (checked against NIST CAVP vectors, cryptography's XTS and
+botan in tests/test_xts.py); docs/PERFORMANCE.md has the measurements.
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ from .sectors import SECTOR_SIZE, XTS_BLOCK_SIZE
 DEK_SIZE = 64  # XTS-AES-256: two 256-bit AES keys (IEEE 1619-2007, 5.1)
 MAX_SECTOR_NO = 2**64 - 1  # plain64: the tweak is the 64-bit sector number, zero-extended to 128 bits
 _BLOCKS_PER_SECTOR = SECTOR_SIZE // XTS_BLOCK_SIZE
-_MAX_BLOCKS_PER_UNIT = 32  # one fold of the overflow suffices for alpha^j, j < 32 (see _Scratch.masks)
-_CHUNK_BLOCKS = 4096  # 64 KiB of data per round: masks and temporaries stay in L2
+_MAX_BLOCKS_PER_UNIT = 32  # one fold of the overflow suffices for alpha^j, j < 32 (_Scratch.masks_for)
+_CHUNK_BLOCKS = 16384  # 256 KiB of data per round (measured best: 64 and 128 KiB were slower on 1 MiB calls)
 _U64 = np.dtype("<u8")
-_ONE, _TWO, _SEVEN = np.uint64(1), np.uint64(2), np.uint64(7)
-_SCRATCH_POOL_MAX = 4  # idle scratch sets kept per unit size (each is about 0.4 MiB)
+# 0-d arrays: numpy's cheapest scalar operands
+_ONE, _TWO, _SEVEN = (np.array(k, dtype=_U64) for k in (1, 2, 7))
+_add, _xor, _shl, _shr, _copyto = np.add, np.bitwise_xor, np.left_shift, np.right_shift, np.copyto
+_SCRATCH_POOL_MAX = 4  # idle scratch sets kept per unit size (each is about 1.5 MiB)
+_VIEW_CACHE_MAX = 64  # chunk sizes whose array views a scratch set keeps
 
 
 class _Ecb:
@@ -33,7 +37,7 @@ class _Ecb:
 
     Fast path: XTS whose encrypted tweak is zero is plain ECB (every mask is
     0 * alpha^j = 0), and OpenSSL's XTS code runs much faster than its ECB code (it
-    is vectorised; on this machine 13 vs 8 GB/s). So the contexts are XTS contexts
+    is vectorised; 13.6 vs 7.9 GB/s on 64 KiB here, see docs/PERFORMANCE.md). So the contexts are XTS contexts
     under key || aux, where aux is a random throwaway AES key and the tweak is
     AES_aux^-1(0). A self-check at construction falls back to real ECB contexts if
     that ever stops giving ECB output. ECB (and this XTS) keeps no state between
@@ -81,12 +85,13 @@ class _Scratch:
     interleaved as the data is: (unit, block, lane).
     """
 
-    __slots__ = ("bpu", "cap", "_views", "_full")
+    __slots__ = ("bpu", "cap", "_views", "_full", "_base")
 
     def __init__(self, bpu: int) -> None:
         self.bpu = bpu
         self.cap = max(1, _CHUNK_BLOCKS // bpu)
         self._views: dict[int, tuple] = {}
+        self._base = np.zeros((), dtype=_U64)
         cap = self.cap
         tw = np.zeros((cap, 2), dtype=_U64)  # tweak inputs: (unit number, 0)
         t0 = np.empty(cap * 2 + 2, dtype=_U64)  # encrypted tweaks (+16 bytes for update_into)
@@ -97,8 +102,7 @@ class _Scratch:
         shr = np.uint64(64) - shl[0]  # 64 - j (numpy defines x >> 64 == 0)
         rot = np.empty((2, cap, bpu), dtype=_U64)
         carry = np.empty((2, cap, bpu), dtype=_U64)
-        f = np.empty((cap, bpu), dtype=_U64)
-        g = np.empty((cap, bpu), dtype=_U64)
+        f, g = ext[0], ext[1]  # fold temporaries reuse ext, dead by then (smaller cache footprint)
         masks = np.empty((cap, bpu, 2), dtype=_U64)
         self._full = (tw, t0, t2, ext, shl, shr, rot, carry, f, g, masks)
 
@@ -110,8 +114,9 @@ class _Scratch:
                  t0[: 2 * n].reshape(n, 2).T, t2[:, :n], t2[:, :n, None], ext[:, :n],
                  ext[0, :n], ext[1, :n], shl[:, :n], shr[:n], rot[:, :n], carry[:, :n],
                  carry[0, :n], carry[1, :n], f[:n], g[:n], masks[:n],
-                 masks[:n].transpose(2, 0, 1))
-            self._views[n] = v
+                 masks[:n].transpose(2, 0, 1), _ARANGE[:n])
+            if len(self._views) < _VIEW_CACHE_MAX:
+                self._views[n] = v
         return v
 
     def masks_for(self, ecb2, first_unit_no: int, n: int) -> np.ndarray:
@@ -123,39 +128,29 @@ class _Scratch:
         already there from the rotation). h has at most 31 bits, so one fold suffices.
         """
         (tw_lo, tw_bytes, t0_bytes, t0_t, t2, t2_col, ext, ext_lo, ext_hi, shl, shr, rot,
-         carry, h, c_hi, f, g, masks, masks_planes) = self._views_for(n)
-        np.add(_ARANGE[:n], np.uint64(first_unit_no), out=tw_lo)
+         carry, h, c_hi, f, g, masks, masks_planes, arange) = self._views_for(n)
+        base = self._base
+        base[()] = first_unit_no
+        _add(arange, base, tw_lo)
         ecb2.update_into(tw_bytes, t0_bytes)
-        np.copyto(t2, t0_t)
-        np.copyto(ext, t2_col)
-        np.left_shift(ext, shl, out=rot)  # (lo << j, hi << j)
-        np.right_shift(ext_hi, shr, out=h)  # h = hi >> 64-j, the bits that wrap around
-        np.right_shift(ext_lo, shr, out=c_hi)  # lo >> 64-j, carried into the high half
-        np.left_shift(h, _ONE, out=f)
-        np.left_shift(h, _TWO, out=g)
-        np.bitwise_xor(f, g, out=f)
-        np.left_shift(h, _SEVEN, out=g)
-        np.bitwise_xor(f, g, out=f)
-        np.bitwise_xor(h, f, out=h)  # h * (x^7 + x^2 + x + 1)
-        np.bitwise_xor(rot, carry, out=masks_planes)  # disjoint bits except the fold: XOR
+        _copyto(t2, t0_t)
+        _copyto(ext, t2_col)
+        _shl(ext, shl, rot)  # (lo << j, hi << j)
+        _shr(ext_hi, shr, h)  # h = hi >> 64-j, the bits that wrap around
+        _shr(ext_lo, shr, c_hi)  # lo >> 64-j, carried into the high half
+        # ext is dead from here on: f and g live in it
+        _shl(h, _ONE, f)
+        _shl(h, _TWO, g)
+        _xor(f, g, f)
+        _shl(h, _SEVEN, g)
+        _xor(f, g, f)
+        _xor(h, f, h)  # h * (x^7 + x^2 + x + 1)
+        _xor(rot, carry, masks_planes)  # disjoint bits except the fold: XOR
         return masks
 
 
 _ARANGE = np.arange(_CHUNK_BLOCKS, dtype=_U64)
 _SCRATCH: dict[int, list[_Scratch]] = {}
-
-
-def _get_scratch(bpu: int) -> _Scratch:
-    try:
-        return _SCRATCH.setdefault(bpu, []).pop()
-    except IndexError:
-        return _Scratch(bpu)
-
-
-def _put_scratch(s: _Scratch) -> None:
-    pool = _SCRATCH.setdefault(s.bpu, [])
-    if len(pool) < _SCRATCH_POOL_MAX:
-        pool.append(s)
 
 
 def _xts_units_into(k1: _Ecb, k2: _Ecb, first_unit_no: int, data, blocks_per_unit: int,
@@ -178,34 +173,49 @@ def _xts_units_into(k1: _Ecb, k2: _Ecb, first_unit_no: int, data, blocks_per_uni
         raise ValueError("data unit numbers must lie in 0..2^64-1")
     if len(out) < out_off + size + XTS_BLOCK_SIZE - 1 or out_off % 8:
         raise ValueError("output buffer too small or misaligned")
-    if not n_units:
-        return
-    words = unit // 8
-    src = np.frombuffer(data, dtype=_U64, count=n_units * words)
-    dst = np.frombuffer(out, dtype=_U64, count=n_units * words, offset=out_off)
-    out_mv = memoryview(out)
-    s = _get_scratch(bpu)
+    if n_units:
+        _bulk(k1, k2, first_unit_no, data, n_units, bpu, encrypt, out, out_off)
+
+
+def _bulk(k1: _Ecb, k2: _Ecb, first_unit_no: int, data, n_units: int, bpu: int, encrypt: bool,
+          out: bytearray, out_off: int) -> None:
+    """The work of `_xts_units_into`, arguments already checked (n_units >= 1)."""
+    words = bpu * 2
+    total = n_units * words
+    src = np.frombuffer(data, dtype=_U64, count=total)
+    dst = np.frombuffer(out, dtype=_U64, count=total, offset=out_off)
+    try:
+        s = _SCRATCH[bpu].pop()
+    except (KeyError, IndexError):
+        s = _Scratch(bpu)
     ecb1 = k1.acquire(encrypt)
     ecb2 = k2.acquire(True)
-    done = False
-    try:
+    with memoryview(out) as out_mv:
         cap = s.cap
-        for u in range(0, n_units, cap):
-            n = n_units - u if n_units - u < cap else cap
-            masks = s.masks_for(ecb2, first_unit_no + u, n)
-            a, b = u * words, (u + n) * words
-            o = dst[a:b].reshape(masks.shape)
-            np.bitwise_xor(src[a:b].reshape(masks.shape), masks, out=o)
+        if n_units <= cap:  # one chunk, the common case
+            masks = s.masks_for(ecb2, first_unit_no, n_units)
+            src = src.reshape(masks.shape)
+            dst = dst.reshape(masks.shape)
+            _xor(src, masks, dst)
             # In place: AES-ECB on whole blocks keeps no state and allows in == out.
-            ecb1.update_into(out_mv[out_off + 8 * a: out_off + 8 * b], out_mv[out_off + 8 * a:])
-            np.bitwise_xor(o, masks, out=o)
-        done = True
-    finally:
-        _put_scratch(s)
-        if done:  # after an error the contexts may hold a partial block: drop them
-            k1.release(ecb1, encrypt)
-            k2.release(ecb2, True)
-        out_mv.release()
+            ecb1.update_into(out_mv[out_off: out_off + 8 * total], out_mv[out_off:])
+            _xor(dst, masks, dst)
+        else:
+            for u in range(0, n_units, cap):
+                n = n_units - u if n_units - u < cap else cap
+                masks = s.masks_for(ecb2, first_unit_no + u, n)
+                a, b = u * words, (u + n) * words
+                o = dst[a:b].reshape(masks.shape)
+                _xor(src[a:b].reshape(masks.shape), masks, o)
+                ecb1.update_into(out_mv[out_off + 8 * a: out_off + 8 * b], out_mv[out_off + 8 * a:])
+                _xor(o, masks, o)
+    # Only reached without an exception: a context that saw an error may hold a partial
+    # block, so it is dropped rather than pooled.
+    k1.release(ecb1, encrypt)
+    k2.release(ecb2, True)
+    pool = _SCRATCH.setdefault(bpu, [])
+    if len(pool) < _SCRATCH_POOL_MAX:
+        pool.append(s)
 
 
 def _xts_units(k1: _Ecb, k2: _Ecb, first_unit_no: int, data, blocks_per_unit: int,
@@ -227,7 +237,7 @@ def sector_tweak(sector_no: int) -> bytes:
 class SectorCipher:
     """Encrypts and decrypts runs of sectors of one file under its DEK.
 
-    Whole sectors go through `_xts_units` (bulk AES-ECB with the XTS masks computed by
+    Whole sectors go through `_bulk` (bulk AES-ECB with the XTS masks computed by
     numpy); the result is byte-identical to one XTS data unit per sector, which the
     known-answer tests check against cryptography's XTS, NIST CAVP and botan. A final
     partial sector (a file whose size is not a multiple of 512) is its own data unit:
@@ -236,8 +246,9 @@ class SectorCipher:
     (docs/FORMAT.md, "Partial last sector").
 
     `encrypt` and `decrypt` accept any bytes-like object and return a new **bytearray**
-    (bytes-like: len, slicing, ==, hashing-free; pass it to os.pwrite or wrap in bytes()
-    if an immutable copy is needed). Safe to use from several threads at once.
+    of the same length (len, slicing, == with bytes and os.pwrite work; it is mutable and
+    unhashable, so wrap it in bytes() where an immutable object is needed, e.g. a FUSE
+    read result for mfusepy). Safe to use from several threads at once.
     """
 
     __slots__ = ("_k1", "_k2", "_xts")
@@ -268,18 +279,17 @@ class SectorCipher:
         return bytes(a ^ b for a, b in zip(data, pad))
 
     def _run(self, first_sector_no: int, data, encrypt: bool) -> bytearray:
-        data = memoryview(data).cast("B")
+        if type(data) is not bytes and type(data) is not bytearray:
+            data = memoryview(data).cast("B")
         total = len(data)
-        whole_len = total - total % SECTOR_SIZE
-        n_whole = whole_len // SECTOR_SIZE
-        last = first_sector_no + n_whole - (whole_len == total)
-        if first_sector_no < 0 or last > MAX_SECTOR_NO:
+        n_whole, tail_len = divmod(total, SECTOR_SIZE)
+        if first_sector_no < 0 or first_sector_no + n_whole - (not tail_len) > MAX_SECTOR_NO:
             raise ValueError("sector numbers must lie in 0..2^64-1")
         out = bytearray(total + XTS_BLOCK_SIZE)
-        if whole_len:
-            _xts_units_into(self._k1, self._k2, first_sector_no, data[:whole_len],
-                            _BLOCKS_PER_SECTOR, encrypt, out)
-        if whole_len != total:
+        if n_whole:
+            _bulk(self._k1, self._k2, first_sector_no, data, n_whole, _BLOCKS_PER_SECTOR, encrypt, out, 0)
+        if tail_len:
+            whole_len = total - tail_len
             tail = bytes(data[whole_len:])
             out[whole_len:total] = self._partial(first_sector_no + n_whole, tail, encrypt)
         del out[total:]
