@@ -282,6 +282,20 @@ def _descriptor_rewrite(path: str, record: KeyRecord | None) -> bytes:
     return insert_encryption_lines(view, format_encryption_lines(record)) if record else view
 
 
+def _stage_descriptors(folder: VmFolder, records: dict[str, KeyRecord | None], renames: list) -> None:
+    """Write each descriptor's new version (new key lines, or none) as a temporary file to commit."""
+    for name, record in records.items():
+        tmp = TMP_PREFIX + name
+        write_atomic(os.path.join(folder.backing_dir, tmp),
+                     _descriptor_rewrite(os.path.join(folder.backing_dir, name), record), 0o600)
+        renames.append((tmp, name))
+
+
+def _extent_count(path: str) -> int:
+    with open(path, "rb") as f:
+        return len(extents(f.read(1 << 20)))
+
+
 def encrypt_folder(path: str, agent: AgentClient, provider: str | None, progress_factory) -> dict:
     """Encrypt every plaintext file of a VM folder that should be encrypted (a folder is encrypted as a whole)."""
     folder = _target_folder(path)
@@ -310,16 +324,12 @@ def encrypt_folder(path: str, agent: AgentClient, provider: str | None, progress
             del dek
             renames.append((tmp, f.name))
             owner = extent_owner.get(f.name)
-            single = owner and len(extents(open(os.path.join(folder.backing_dir, owner), "rb").read(1 << 20))) == 1
+            single = owner and _extent_count(os.path.join(folder.backing_dir, owner)) == 1
             if single and owner not in desc_records:
                 desc_records[owner] = record  # a single-extent disk keeps its key in its descriptor
             else:
                 new_keys.files[f.name] = record
-    for owner, record in desc_records.items():
-        tmp = TMP_PREFIX + owner
-        write_atomic(os.path.join(folder.backing_dir, tmp),
-                     _descriptor_rewrite(os.path.join(folder.backing_dir, owner), record), 0o600)
-        renames.append((tmp, owner))
+    _stage_descriptors(folder, desc_records, renames)
     commit(folder, renames, new_keys)
     return {"folder": folder.backing_dir, "encrypted": [f.name for f in todo]}
 
@@ -344,15 +354,13 @@ def decrypt_folder(path: str, agent: AgentClient, progress_factory) -> dict:
             transform_file(os.path.join(folder.backing_dir, f.name), os.path.join(folder.backing_dir, tmp),
                            cipher, None, bar.update)
             renames.append((tmp, f.name))
+    keyed = {}
     for f in infos:
         if f.role == "descriptor":
-            p = os.path.join(folder.backing_dir, f.name)
-            with open(p, "rb") as fh:
-                if b"encryption." not in fh.read():
-                    continue
-            tmp = TMP_PREFIX + f.name
-            write_atomic(os.path.join(folder.backing_dir, tmp), _descriptor_rewrite(p, None), 0o600)
-            renames.append((tmp, f.name))
+            with open(os.path.join(folder.backing_dir, f.name), "rb") as fh:
+                if b"encryption." in fh.read():
+                    keyed[f.name] = None
+    _stage_descriptors(folder, keyed, renames)
     commit(folder, renames, None)
     return {"folder": folder.backing_dir, "decrypted": [f.name for f in todo]}
 
@@ -412,11 +420,7 @@ def rekey_folder(path: str, agent: AgentClient, provider: str | None, deep: bool
                 desc_records[found[0]] = new_record
             else:
                 new_keys.files[f.name] = new_record
-    for owner, record in desc_records.items():
-        tmp = TMP_PREFIX + owner
-        write_atomic(os.path.join(folder.backing_dir, tmp),
-                     _descriptor_rewrite(os.path.join(folder.backing_dir, owner), record), 0o600)
-        renames.append((tmp, owner))
+    _stage_descriptors(folder, desc_records, renames)
     commit(folder, renames, new_keys)
     return {"folder": folder.backing_dir, "files": [f.name for f in todo], "old_kek": vars(old_keys.kek),
             "new_kek": vars(new_kek), "deep": deep}
