@@ -397,7 +397,7 @@ def correctness(target: Target, size: int) -> dict:
         job = dict(name=name, rw=rw, bs=bs, numjobs=1)
         try:
             fio(target.path, job, n if bs == "1M" else min(n, 32 * MIB),
-                ("--verify=crc32c", "--do_verify=1", "--verify_fatal=1"))
+                ("--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0"))
             res[name] = "ok"
         except RuntimeError as exc:
             res[name] = f"FAILED: {exc}"
