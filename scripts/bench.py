@@ -485,6 +485,17 @@ def main(argv=None) -> int:
             results["fio"] = "not available"
         else:
             fio_matrix(results, size, reps, runtime, wanted)
+    if not args.no_fio:
+        log("\n== qemu-img convert into and out of the mount (encrypted VM folder)")
+        conv = qemu_convert_benchmark(size)
+        results["qemu_convert"] = conv
+        log(f"  {size >> 20} MiB: into the mount {conv.get('into_mount_s')} s ({conv.get('into_mount_MBps')} MB/s), "
+            f"out of it {conv.get('out_of_mount_s')} s ({conv.get('out_of_mount_MBps')} MB/s), "
+            f"round trip identical: {conv.get('identical')}")
+        log("\n== mounting 200 encrypted disks under a KMIP provider (local PyKMIP server)")
+        kmip = kmip_mount_benchmark()
+        results["kmip_mount_200"] = kmip
+        log(f"  {kmip}")
     results["elapsed_s"] = round(time.time() - started, 1)
     summarize(results)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
@@ -493,6 +504,53 @@ def main(argv=None) -> int:
     os.replace(args.output + ".tmp", args.output)
     log(f"\nresults: {os.path.relpath(args.output)} ({results['elapsed_s']} s)")
     return 0
+
+
+def qemu_convert_benchmark(size: int) -> dict:
+    """Seconds for `qemu-img convert` of a fully written disk into an encrypted VM folder of the mount and back out."""
+    base = tempfile.mkdtemp(prefix="vmfs-crypt-convert-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    runtime = tempfile.mkdtemp(prefix="vccv-", dir="/tmp")
+    env = dict(os.environ, VMFS_CRYPT_CONFIG=os.path.join(base, "cfg", "config.toml"), XDG_RUNTIME_DIR=runtime,
+               PYTHONPATH=REPO)
+    cli = [sys.executable, "-m", "vmfs_crypt.cli"]
+    ds, mnt, src, out = (os.path.join(base, n) for n in ("ds", "mnt", "src.raw", "out.raw"))
+    os.makedirs(os.path.join(ds, "vm1"))
+    os.makedirs(mnt)
+    result: dict = {"size": size}
+    try:
+        run(cli + ["provider", "add", "native", "bench"], env=env)
+        run(cli + ["create", os.path.join(ds, "vm1", "seed.vmdk"), "--size", "1M"], env=env)
+        run(["qemu-img", "create", "-f", "raw", src, str(size)])
+        run(["qemu-io", "-f", "raw", "-c", f"write -P 0x5a 0 {size}", src], timeout=600)  # no holes to skip
+        run(cli + ["mount", ds, mnt], env=env)
+        try:
+            dst = os.path.join(mnt, "vm1", "conv.vmdk")
+            t = time.perf_counter()
+            run(["qemu-img", "convert", "-O", "vmdk", "-o", "subformat=monolithicFlat", src, dst], timeout=1200)
+            result["into_mount_s"] = round(time.perf_counter() - t, 2)
+            t = time.perf_counter()
+            run(["qemu-img", "convert", "-O", "raw", dst, out], timeout=1200)
+            result["out_of_mount_s"] = round(time.perf_counter() - t, 2)
+            result["identical"] = run(["cmp", "-s", src, out], check=False).returncode == 0
+        finally:
+            run(cli + ["umount", mnt], env=env, check=False)
+        for k in ("into_mount_s", "out_of_mount_s"):
+            result[k.replace("_s", "_MBps")] = round(size / 1e6 / result[k], 1)
+    finally:
+        run(cli + ["agent", "stop"], env=env, check=False)
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(runtime, ignore_errors=True)
+    return result
+
+
+def kmip_mount_benchmark() -> dict | str:
+    """Time to mount 200 encrypted disks (20 folders, one KEK each) under a local PyKMIP server."""
+    try:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from kms_bench import mount_time_200
+    except ImportError as exc:
+        return f"not available ({exc})"
+    return mount_time_200()
 
 
 def _interrupt(signum, frame):
