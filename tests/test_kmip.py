@@ -5,7 +5,6 @@ import errno
 import mmap
 import os
 import re
-import shutil
 import subprocess
 import time
 

@@ -6,21 +6,19 @@ import json
 import logging
 import os
 import secrets
-import select
 import socket
 import socketserver
 import struct
-import subprocess
 import sys
 import threading
 import time
 
-from . import errors
 from .config import Config, load_config
 from .errors import AgentError, ConfigError, ProviderError, VmfsCryptError
 from .hardening import disable_core_dumps
 from .keysafe import EncryptionData, KeyRecord, KeyRef
 from .providers.base import KeyProvider
+from .procs import ReadyPipe, error_class, raise_for, spawn_detached
 from .providers.native import NativeKeyProvider
 from .xts import DEK_SIZE
 
@@ -269,11 +267,7 @@ def serve(config_path: str, ready_fd: int | None) -> int:
     config = load_config(config_path)
     sock_path = config.agent_socket
 
-    def report(msg: str) -> None:
-        if ready_fd is not None:
-            os.write(ready_fd, msg.encode("utf-8", "replace") + b"\n")
-            os.close(ready_fd)
-
+    ready = ReadyPipe(ready_fd)
     try:
         service = KeyService(config)
         for p in service.providers.values():
@@ -292,11 +286,11 @@ def serve(config_path: str, ready_fd: int | None) -> int:
             os.umask(old_umask)
         os.chmod(sock_path, 0o600)
     except VmfsCryptError as exc:
-        report(f"error {type(exc).__name__} {exc}")
+        ready.error(exc)
         return exc.exit_code
     server.service = service
     log.info("agent %d listening on %s", os.getpid(), sock_path)
-    report("ok")
+    ready.ok()
     stop_maintenance = threading.Event()
     threading.Thread(target=service.maintenance_loop, args=(stop_maintenance,), daemon=True,
                      name="key-retry").start()
@@ -314,9 +308,6 @@ def serve(config_path: str, ready_fd: int | None) -> int:
         log.info("agent %d stopped", os.getpid())
     return 0
 
-
-_ERROR_CLASSES = {name: getattr(errors, name) for name in dir(errors)
-                  if isinstance(getattr(errors, name), type) and issubclass(getattr(errors, name), VmfsCryptError)}
 
 
 class AgentClient:
@@ -358,7 +349,7 @@ class AgentClient:
                     raise AgentError(f"the key agent on {self.socket_path} stopped answering ({exc})") from None
         resp = json.loads(line)
         if not resp.get("ok"):
-            cls = _ERROR_CLASSES.get(resp.get("class"), AgentError)
+            cls = error_class(str(resp.get("class")), AgentError)
             raise cls(resp.get("error", "the agent refused the request"))
         return resp
 
@@ -402,30 +393,17 @@ class AgentClient:
 
 def start_agent(config: Config) -> int:
     """Start a detached agent process for `config`; return its pid once it listens."""
-    read_fd, write_fd = os.pipe()
-    log_path = config.agent_socket[:-len(".sock")] + ".log" if config.agent_socket.endswith(".sock") else config.agent_socket + ".log"
-    os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vmfs_crypt.agent", "--config", config.path, "--ready-fd", str(write_fd)],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, pass_fds=(write_fd,),
-            start_new_session=True, close_fds=True)
-    os.close(write_fd)
-    try:
-        ready, _, _ = select.select([read_fd], [], [], START_TIMEOUT_S)
-        msg = os.read(read_fd, 4096).decode("utf-8", "replace").strip() if ready else ""
-    finally:
-        os.close(read_fd)
-    if msg == "ok":
+    sock = config.agent_socket
+    log_path = (sock[:-len(".sock")] if sock.endswith(".sock") else sock) + ".log"
+    proc, line = spawn_detached([sys.executable, "-m", "vmfs_crypt.agent", "--config", config.path], log_path,
+                                START_TIMEOUT_S)
+    if line == "ok":
         return proc.pid
-    if not msg:
+    if not line:
         proc.kill()
         raise AgentError(f"the key agent did not start within {START_TIMEOUT_S:.0f} s; see {log_path}")
     proc.wait(timeout=5)
-    # "error CLASS message": the agent's own error class, so the CLI's exit code matches the cause.
-    _, cls_name, text = (msg.split(" ", 2) + ["", ""])[:3]
-    cls = _ERROR_CLASSES.get(cls_name, AgentError)
-    raise cls(text or f"the key agent failed to start; see {log_path}")
+    raise_for(line, AgentError, f"the key agent failed to start; see {log_path}")
 
 
 def main(argv: list[str] | None = None) -> int:

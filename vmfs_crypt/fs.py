@@ -49,6 +49,11 @@ def _pin_thread_state() -> None:
         _THREAD.pinned = True
 
 
+def _where(op: str, offset: int) -> str:
+    """How a log line names the place of a data fault: byte and sector."""
+    return f"{op} at byte {offset} (sector {offset // SECTOR_SIZE})"
+
+
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
@@ -245,9 +250,9 @@ class VmfsCryptFS(mfusepy.Operations):
                 log.warning("revoked, disks under them locked now: %s", ", ".join(map(str, revoked)))
             self._revoked = revoked
 
-    def _check_revoked(self, enc: EncryptedFile, real: str, what: str) -> None:
+    def _check_revoked(self, enc: EncryptedFile, real: str, op: str, offset: int) -> None:
         if enc.kek in self._revoked:
-            raise self._fault(ProviderError(f"{enc.kek} was revoked (on_revoke = \"lock\")"), real, what)
+            raise self._fault(ProviderError(f"{enc.kek} was revoked (on_revoke = \"lock\")"), real, _where(op, offset))
 
     # -- metadata ----------------------------------------------------------------------
     def getattr(self, path, fh=None):
@@ -538,12 +543,12 @@ class VmfsCryptFS(mfusepy.Operations):
             with handle.desc.lock:
                 return bytes(handle.desc.view[offset:offset + size])
         enc = handle.enc
-        self._check_revoked(enc, handle.real, f"read at byte {offset}")
+        self._check_revoked(enc, handle.real, "read", offset)
         enc.lock.acquire_read()
         try:
             return self._read_plain(handle, size, offset)
         except Exception as exc:
-            raise self._fault(exc, handle.real, f"read at byte {offset}") from None
+            raise self._fault(exc, handle.real, _where("read", offset)) from None
         finally:
             enc.lock.release_read()
 
@@ -581,12 +586,12 @@ class VmfsCryptFS(mfusepy.Operations):
             if self._become_descriptor(handle):
                 return self._write_descriptor(handle.desc, data, offset)
         enc = handle.enc
-        self._check_revoked(enc, handle.real, f"write at byte {offset}")
+        self._check_revoked(enc, handle.real, "write", offset)
         enc.lock.acquire_write()
         try:
             self._write_plain(handle, data, offset)
         except Exception as exc:
-            raise self._fault(exc, handle.real, f"write at byte {offset}") from None
+            raise self._fault(exc, handle.real, _where("write", offset)) from None
         finally:
             enc.lock.release_write()
         return len(data)

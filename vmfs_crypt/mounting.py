@@ -10,7 +10,8 @@ import sys
 from . import disks
 from .agent import AgentClient, start_agent
 from .config import Config, runtime_dir
-from .errors import MountError, UsageError
+from .errors import MountError, UsageError, VmfsCryptError
+from .procs import ReadyPipe, raise_for, spawn_detached
 from .folder import VmFolder
 
 MOUNT_TIMEOUT_S = 30.0
@@ -127,24 +128,15 @@ def mount_background(config: Config, datastore: str, mountpoint: str, agent_sock
     sock, sidecar = ensure_agent(config, agent_socket)
     os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
     log_path = log_file(mountpoint)
-    read_fd, write_fd = os.pipe()
     cmd = [sys.executable, "-m", "vmfs_crypt.cli", "--config", config.path, "mount", "--foreground",
-           "--agent", sock, "--ready-fd", str(write_fd), datastore, mountpoint]
+           "--agent", sock, datastore, mountpoint]
     if sidecar:
         cmd.append("--stop-agent-on-exit")
     if options_text:
         cmd += ["-o", options_text]
     if allow_other:
         cmd.append("--allow-other")
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_fd,),
-                                start_new_session=True, close_fds=True)
-    os.close(write_fd)
-    try:
-        ready, _, _ = select.select([read_fd], [], [], MOUNT_TIMEOUT_S)
-        msg = os.read(read_fd, 4096).decode("utf-8", "replace").strip() if ready else ""
-    finally:
-        os.close(read_fd)
+    proc, msg = spawn_detached(cmd, log_path, MOUNT_TIMEOUT_S)
     if msg == "ok":
         return log_path
     if proc.poll() is None:
@@ -158,8 +150,9 @@ def mount_background(config: Config, datastore: str, mountpoint: str, agent_sock
             tail = "".join(f.readlines()[-5:]).strip()
     except OSError:
         pass
-    raise MountError(msg.removeprefix("error ") if msg.startswith("error ")
-                     else f"the mount did not come up within {MOUNT_TIMEOUT_S:.0f} s: {tail or 'see ' + log_path}")
+    if msg.startswith("error "):
+        raise_for(msg, MountError, f"the mount failed; see {log_path}")
+    raise MountError(f"the mount did not come up within {MOUNT_TIMEOUT_S:.0f} s: {tail or 'see ' + log_path}")
 
 
 def run_foreground(config: Config, datastore: str, mountpoint: str, agent_socket: str | None,
@@ -168,13 +161,7 @@ def run_foreground(config: Config, datastore: str, mountpoint: str, agent_socket
     from .fs import serve_mount  # only this path loads FUSE
     from .hardening import disable_core_dumps
 
-    def report(msg: str) -> None:
-        nonlocal ready_fd
-        if ready_fd is not None:
-            os.write(ready_fd, msg.encode("utf-8", "replace") + b"\n")
-            os.close(ready_fd)
-            ready_fd = None
-
+    ready = ReadyPipe(ready_fd)
     try:
         disable_core_dumps()
         check_mount_args(datastore, mountpoint)
@@ -183,7 +170,7 @@ def run_foreground(config: Config, datastore: str, mountpoint: str, agent_socket
         sock, sidecar = ensure_agent(config, agent_socket)
         stop_agent_on_exit = stop_agent_on_exit or sidecar
     except Exception as exc:
-        report(f"error {exc}")
+        ready.error(exc, None if isinstance(exc, VmfsCryptError) else MountError)
         raise
     prefetch_keys(datastore, sock)
     os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
@@ -192,12 +179,12 @@ def run_foreground(config: Config, datastore: str, mountpoint: str, agent_socket
         f.write(f"{os.getpid()}\n")
     try:
         serve_mount(datastore, mountpoint, sock, parse_fuse_options(options_text, allow_other),
-                    lambda: report("ok"))
+                    ready.ok)
     except Exception as exc:
-        report(f"error {mountpoint}: FUSE mount failed ({exc})")
+        ready.error(MountError(f"{mountpoint}: FUSE mount failed ({exc})"))
         raise MountError(f"{mountpoint}: FUSE mount failed ({exc})") from None
     finally:
-        report("error the FUSE loop ended before the mount came up")
+        ready.error(MountError("the FUSE loop ended before the mount came up"))
         try:
             os.unlink(pid_path)
         except FileNotFoundError:

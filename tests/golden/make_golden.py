@@ -40,7 +40,6 @@ What the golden datastore holds (tests/golden/):
 """
 
 import argparse
-import base64
 import hashlib
 import json
 import os
