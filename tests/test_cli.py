@@ -300,3 +300,20 @@ def test_rekey(venv_env, tmp_path, deep):
     assert venv_env.run("cat", os.path.join(vm, "vm1.nvram")).stdout == PATTERN * 17 + b"tail"
     with mounted(venv_env) as mnt:
         venv_env.tool("qemu-img", "compare", "-f", "raw", "-F", "vmdk", plain_copy, os.path.join(mnt, "vm1", "disk.vmdk"))
+
+
+def test_sidecar_agent_lives_with_the_mount_and_a_named_agent_outlives_it(venv_env):
+    os.makedirs(os.path.join(venv_env.datastore, "vm1"))
+    venv_env.run("create", os.path.join(venv_env.datastore, "vm1", "disk.vmdk"), "--size", "1M")
+    with mounted(venv_env):
+        assert venv_env.run("agent", "status", check=False).returncode == 0  # the sidecar
+    assert venv_env.run("agent", "status", check=False).returncode != 0, "the sidecar outlived its mount"
+    out = venv_env.run("agent", "start").stdout.decode()
+    sock = out.split(" on ")[1].strip()
+    with mounted(venv_env, None, "--agent", sock) as mnt:
+        with open(os.path.join(mnt, "vm1", "disk-flat.vmdk"), "rb") as f:
+            assert f.read(512) == bytes(512)
+    assert venv_env.run("agent", "status", check=False).returncode == 0, "a named agent must outlive the mount"
+    proc = venv_env.run("mount", venv_env.datastore, os.path.join(venv_env.base, "mnt"), "--agent",
+                        os.path.join(venv_env.runtime, "none.sock"), check=False)
+    assert_clean_error(proc, "no key agent answers", code=8)
