@@ -25,6 +25,7 @@ from .xts import SectorCipher
 log = logging.getLogger("vmfs_crypt.fs")
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+M_ARENA_MAX = -8  # mallopt parameter, <malloc.h>
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
@@ -789,6 +790,9 @@ class VmfsCryptFS(mfusepy.Operations):
 def serve_mount(datastore: str, mountpoint: str, agent_socket: str, fuse_options: dict, on_ready) -> None:
     """Run the FUSE loop in this process until unmounted (multithreaded, foreground)."""
     ops = VmfsCryptFS(datastore, AgentClient(agent_socket), on_init=on_ready)
+    # glibc gives each thread that mallocs its own arena; libfuse's worker threads would each
+    # keep the freed buffers of large requests in theirs. Two arenas bound the peak RSS.
+    _libc.mallopt(M_ARENA_MAX, 2)
     options = {"fsname": f"vmfs-crypt:{os.path.realpath(datastore)}"}
     if mfusepy.fuse_version_major == 2:
         # Without big_writes libfuse 2 splits buffered writes into 4 KiB requests: qemu-img
