@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import secrets
+import select
 import socket
 import socketserver
 import struct
@@ -25,6 +26,7 @@ from .xts import DEK_SIZE
 log = logging.getLogger("vmfs_crypt.agent")
 MAX_REQUEST = 1 << 20
 START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 15.0
 
 
 def build_provider(name: str, settings: dict, config: Config) -> KeyProvider:
@@ -383,12 +385,24 @@ class AgentClient:
         resp = self.request("rewrap", what=what, provider=kek.provider_id, keyId=kek.key_id, **record.as_json())
         return KeyRecord.from_json({k: resp[k] for k in ("keySafe", "data")}, what)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Ask the agent to stop and wait until its process is gone (its keys with it)."""
         try:
-            self.request("stop")
-        except AgentError:
-            pass
-        self.close()
+            pidfd = os.pidfd_open(int(self.request("ping")["pid"]))
+        except (AgentError, OSError):
+            self.close()
+            return
+        try:
+            try:
+                self.request("stop")
+            except AgentError:
+                pass
+            self.close()
+            # Handler threads of open connections outlive the listener until the process exits:
+            # only then is no key served any more.
+            select.select([pidfd], [], [], timeout_s)
+        finally:
+            os.close(pidfd)
 
 
 def start_agent(config: Config) -> int:
