@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass, field
 
 from .atomicio import write_atomic
-from .descriptor import extents, is_descriptor, read_key_record
+from .descriptor import Extent, extents, is_descriptor, read_key_record
 from .errors import FormatError
 from .keysafe import FORMAT_VERSION, KNOWN_FEATURES, KeyRecord, KeyRef
 from .strict import check_members, check_version_features, json_object
@@ -107,8 +107,8 @@ class VmFolder:
     def is_descriptor_file(self, name: str) -> bool:
         return is_descriptor(read_head(os.path.join(self.backing_dir, name)))
 
-    def descriptor_record_for(self, name: str) -> tuple[str, KeyRecord] | None:
-        """(descriptor name, key record) of the encrypted descriptor whose single extent is `name`."""
+    def descriptor_record_for(self, name: str) -> tuple[str, KeyRecord, Extent] | None:
+        """(descriptor name, key record, extent line) of the encrypted descriptor whose single extent is `name`."""
         for entry in sorted(os.listdir(self.backing_dir)):
             if not entry.lower().endswith(".vmdk") or entry == name:
                 continue
@@ -127,7 +127,7 @@ class VmFolder:
                         # One DEK with the same tweaks for several files would repeat keystreams.
                         raise FormatError(f"{path}: has encryption lines but {len(listed)} extents; only "
                                           "single-extent descriptors carry a key (FORMAT.md 6.2)")
-                    return entry, record
+                    return entry, record, listed[0]
         return None
 
     def key_record_for(self, name: str) -> KeyRecord | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import mfusepy
 
 from .agent import AgentClient
-from .descriptor import (DESCRIPTOR_MAGIC, encryption_lines, extents, insert_encryption_lines,
+from .descriptor import (DESCRIPTOR_MAGIC, Extent, encryption_lines, insert_encryption_lines,
                          is_descriptor, strip_encryption_lines)
 from .errors import AgentError, DataError, KeyUnwrapError, ProviderError, VmfsCryptError
 from .folder import FOLDER_KEYS_NAME, FolderKeys, VmFolder, is_hidden_name, is_plaintext_name
@@ -175,12 +175,19 @@ class VmfsCryptFS(mfusepy.Operations):
             return fh
 
     def _cipher_for(self, real: str, size: int) -> tuple[SectorCipher, KeyRef]:
-        """Ask the agent for the DEK of an encrypted file (allocating one for an empty file without a key)."""
+        """Ask the agent for the DEK of an encrypted file (allocating one for an empty file without a key).
+
+        One scan of the folder's descriptors finds the key of a descriptor-keyed extent and
+        the extent line its length is checked against.
+        """
         folder = self._folder(real)
         name = os.path.basename(real)
         what = self._display(real)
         with self._meta_lock:
-            record = folder.key_record_for(name)
+            found = folder.descriptor_record_for(name)
+            if found:
+                self._check_extent_length(real, size, found[0], found[2])
+            record = found[1] if found else folder.load_keys().files.get(name)
             if record is None:
                 if size:
                     raise DataError(f"{what}: no key for this encrypted file in {FOLDER_KEYS_NAME} or a descriptor")
@@ -201,19 +208,12 @@ class VmfsCryptFS(mfusepy.Operations):
         self._ciphers[(record.keysafe.to_locator(), record.data.encode())] = SectorCipher(dek)
         return record
 
-    def _check_extent_length(self, real: str, size: int) -> None:
+    def _check_extent_length(self, real: str, size: int, descriptor: str, ext: Extent) -> None:
         """A descriptor-keyed extent shorter than its descriptor says was truncated: refuse it (data fault)."""
-        folder = self._folder(real)
-        name = os.path.basename(real)
-        found = folder.descriptor_record_for(name)
-        if not found:
-            return
-        with open(os.path.join(folder.backing_dir, found[0]), "rb") as f:
-            raw = f.read(1 << 20)
-        for ext in extents(raw):
-            if ext.file_name == name and ext.kind in ("FLAT", "VMFS") and size < (ext.offset + ext.sectors) * SECTOR_SIZE:
-                raise DataError(f"{self._display(real)}: extent is {size} bytes but {found[0]} describes "
-                                f"{(ext.offset + ext.sectors) * SECTOR_SIZE}: it was truncated; restore it from a backup")
+        need = (ext.offset + ext.sectors) * SECTOR_SIZE
+        if ext.kind in ("FLAT", "VMFS") and size < need:
+            raise DataError(f"{self._display(real)}: extent is {size} bytes but {descriptor} describes "
+                            f"{need}: it was truncated; restore it from a backup")
 
     def _fault(self, exc: Exception, real: str, what: str):
         """Map an error of ours to an errno (only here), logging it for the user."""
@@ -420,9 +420,7 @@ class VmfsCryptFS(mfusepy.Operations):
         with self._meta_lock:
             enc = self._encrypted.get(real)
             if enc is None:
-                size = os.fstat(fd).st_size
-                self._check_extent_length(real, size)
-                enc = EncryptedFile(*self._cipher_for(real, size))
+                enc = EncryptedFile(*self._cipher_for(real, os.fstat(fd).st_size))
                 self._encrypted[real] = enc
             enc.opens += 1
         return Handle("encrypted", real, fd, enc=enc)
