@@ -175,15 +175,11 @@ def provider_add():
 def provider_add_native(c, name, key_file):
     """Add an embedded native key provider NAME (a local primary key)."""
     config = c.config
-    if name in config.providers:
-        raise UsageError(f"provider {name!r} already exists in {config.path}")
+    config.check_new_provider(name)
     key_file = os.path.abspath(key_file or os.path.join(config.dir, f"native-{name}.key"))
     os.makedirs(config.dir, mode=0o700, exist_ok=True)
     NativeKeyProvider.generate(name, key_file)
-    config.providers[name] = {"type": "native", "key_file": key_file}
-    if not config.default_provider:
-        config.default_provider = name
-    config.save()
+    config.add_provider(name, {"type": "native", "key_file": key_file})
     click.echo(f"added native provider {name} (key file {key_file})"
                + (", the default" if config.default_provider == name else ""))
     click.echo(f"warning: back it up now: vmfs-crypt provider backup {name} FILE", err=True)
@@ -244,9 +240,7 @@ def provider_restore(c, name, file):
     key_file = os.path.abspath(_native_key_file(config, name, settings))
     NativeKeyProvider.restore(name, key_file, file, _passphrase(confirm=False))
     if name not in config.providers:
-        config.providers[name] = {"type": "native", "key_file": key_file}
-        config.default_provider = config.default_provider or name
-        config.save()
+        config.add_provider(name, {"type": "native", "key_file": key_file})
     click.echo(f"restored provider {name} into {key_file}")
 
 

@@ -40,8 +40,7 @@ def provider_add_kmip(c, name, servers, cert, key_path, ca, connect_timeout, req
     from .providers.kmip import KmipKeyProvider, parse_server
 
     config = c.config
-    if name in config.providers:
-        raise UsageError(f"provider {name!r} already exists in {config.path}")
+    config.check_new_provider(name)
     if connect_timeout <= 0 or request_timeout <= 0:
         raise UsageError("time-outs must be positive")
     parsed = [parse_server(s) for s in servers]
@@ -58,10 +57,7 @@ def provider_add_kmip(c, name, servers, cert, key_path, ca, connect_timeout, req
         if all(problem is not None for _, problem in results):
             raise UsageError(f"no server of provider {name} works with these certificates; fix them, "
                              "or add it anyway with --no-check")
-    config.providers[name] = settings
-    if not config.default_provider:
-        config.default_provider = name
-    config.save()
+    config.add_provider(name, settings)
     click.echo(f"added KMIP provider {name} ({len(servers)} server(s): {', '.join(servers)})"
                + (", the default" if config.default_provider == name else ""))
 

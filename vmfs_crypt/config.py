@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import tomli_w
 
 from .atomicio import write_atomic
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 
 CONFIG_ENV = "VMFS_CRYPT_CONFIG"
 CONFIG_VERSION = 1
@@ -57,6 +57,17 @@ class Config:
         if name not in self.providers:
             raise ConfigError(f"provider {name!r} is not in {self.path}; known: {', '.join(sorted(self.providers)) or 'none'}")
         return name, self.providers[name]
+
+    def check_new_provider(self, name: str) -> None:
+        if name in self.providers:
+            raise UsageError(f"provider {name!r} already exists in {self.path}")
+
+    def add_provider(self, name: str, settings: dict) -> None:
+        """Record a provider (the first one becomes the default) and save the file."""
+        self.check_new_provider(name)
+        self.providers[name] = settings
+        self.default_provider = self.default_provider or name
+        self.save()
 
     def save(self) -> None:
         doc = {"version": CONFIG_VERSION, "providers": self.providers}
