@@ -32,8 +32,7 @@ STOP_TIMEOUT_S = 15.0
 def build_provider(name: str, settings: dict, config: Config) -> KeyProvider:
     kind = settings.get("type")
     if kind == "native":
-        key_file = settings.get("key_file") or os.path.join(config.dir, f"native-{name}.key")
-        return NativeKeyProvider(name, key_file)
+        return NativeKeyProvider(name, config.native_key_file(name, settings))
     if kind == "kmip":
         try:
             from .providers.kmip import KmipKeyProvider

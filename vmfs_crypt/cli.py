@@ -52,13 +52,9 @@ def _progress_factory(total: int, label: str):
 def _warn_backup(config: Config) -> None:
     for name, settings in config.providers.items():
         if settings.get("type") == "native":
-            provider = NativeKeyProvider(name, _native_key_file(config, name, settings))
+            provider = NativeKeyProvider(name, config.native_key_file(name, settings))
             for w in provider.warnings():
                 click.echo(f"warning: {w}", err=True)
-
-
-def _native_key_file(config: Config, name: str, settings: dict) -> str:
-    return settings.get("key_file") or os.path.join(config.dir, f"native-{name}.key")
 
 
 @click.group()
@@ -176,7 +172,7 @@ def provider_add_native(c, name, key_file):
     """Add an embedded native key provider NAME (a local primary key)."""
     config = c.config
     config.check_new_provider(name)
-    key_file = os.path.abspath(key_file or os.path.join(config.dir, f"native-{name}.key"))
+    key_file = os.path.abspath(key_file or config.native_key_file(name))
     os.makedirs(config.dir, mode=0o700, exist_ok=True)
     NativeKeyProvider.generate(name, key_file)
     config.add_provider(name, {"type": "native", "key_file": key_file})
@@ -202,7 +198,7 @@ def _native(config: Config, name: str) -> NativeKeyProvider:
     name, settings = config.provider(name)
     if settings["type"] != "native":
         raise UsageError(f"provider {name} is a {settings['type']} provider; only native providers have a backup")
-    return NativeKeyProvider(name, _native_key_file(config, name, settings))
+    return NativeKeyProvider(name, config.native_key_file(name, settings))
 
 
 def _passphrase(confirm: bool) -> bytes:
@@ -237,7 +233,7 @@ def provider_restore(c, name, file):
     settings = config.providers.get(name, {"type": "native"})
     if settings.get("type") != "native":
         raise UsageError(f"provider {name} is not a native provider")
-    key_file = os.path.abspath(_native_key_file(config, name, settings))
+    key_file = os.path.abspath(config.native_key_file(name, settings))
     NativeKeyProvider.restore(name, key_file, file, _passphrase(confirm=False))
     if name not in config.providers:
         config.add_provider(name, {"type": "native", "key_file": key_file})

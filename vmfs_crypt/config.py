@@ -58,6 +58,10 @@ class Config:
             raise ConfigError(f"provider {name!r} is not in {self.path}; known: {', '.join(sorted(self.providers)) or 'none'}")
         return name, self.providers[name]
 
+    def native_key_file(self, name: str, settings: dict | None = None) -> str:
+        """A native provider's primary key file: as configured, else native-NAME.key beside the config."""
+        return (settings or {}).get("key_file") or os.path.join(self.dir, f"native-{name}.key")
+
     def check_new_provider(self, name: str) -> None:
         if name in self.providers:
             raise UsageError(f"provider {name!r} already exists in {self.path}")
