@@ -134,7 +134,7 @@ def micro_benchmark(reps: int, min_time: float) -> dict:
     from cryptography.hazmat.backends.openssl import backend
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-    from vmfs_crypt.xts import SectorCipher
+    from vmfs_crypt.crypto.xts import SectorCipher
 
     dek = os.urandom(64)
     sc = SectorCipher(dek)

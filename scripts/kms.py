@@ -13,8 +13,9 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "devtools"))
 
-from vmfs_crypt.kmip_tls import Pki, PyKmipServer  # noqa: E402
+from kmip_tls import Pki, PyKmipServer  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -14,11 +14,12 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "devtools"))
 
 from vmfs_crypt import disks  # noqa: E402
 from vmfs_crypt.agent import AgentClient, start_agent  # noqa: E402
 from vmfs_crypt.config import Config, load_config  # noqa: E402
-from vmfs_crypt.kmip_tls import Pki, PyKmipServer  # noqa: E402
+from kmip_tls import Pki, PyKmipServer  # noqa: E402
 
 CLI = [sys.executable, "-m", "vmfs_crypt.cli"]
 

@@ -28,6 +28,8 @@ def tree_hashes(root: str) -> dict[str, str]:
     out = {}
     for dirpath, _, files in os.walk(root):
         for name in files:
+            if name == ".vmfs-crypt-mount.lock":  # made by every mount of the datastore (fs/dslock.py)
+                continue
             p = os.path.join(dirpath, name)
             out[os.path.relpath(p, root)] = sha256_file(p)
     return out

@@ -6,11 +6,10 @@ import socket
 import threading
 import time
 
-import tomli_w
 
 from vmfs_crypt.config import load_config
-from vmfs_crypt.kmip_tls import CertificateAuthority, Pki, PyKmipServer, write_pair
-from vmfs_crypt.providers.kmip import KmipKeyProvider
+from kmip_tls import CertificateAuthority, Pki, PyKmipServer, write_pair
+from kmip_admin import KmipAdmin
 
 
 class KmipCluster:
@@ -34,9 +33,9 @@ class KmipCluster:
             if s.proc is None or s.proc.poll() is not None:
                 s.start()
 
-    def admin(self) -> KmipKeyProvider:
+    def admin(self) -> KmipAdmin:
         """A provider object talking to the cluster directly (same client certificate: same key owner)."""
-        return KmipKeyProvider("admin", [("127.0.0.1", s.port) for s in self.servers], self.pki.client_cert,
+        return KmipAdmin("admin", [("127.0.0.1", s.port) for s in self.servers], self.pki.client_cert,
                                self.pki.client_key, self.pki.ca_path, connect_timeout=2, request_timeout=5,
                                holdoff=0)
 
@@ -90,10 +89,9 @@ def add_kmip_provider(env, name: str, ports: list[int], pki: Pki, *extra, host: 
 def edit_config(env, **agent) -> None:
     """Set [agent] settings (e.g. retry_interval) in the environment's config file."""
     config = load_config(env.config)
-    config.agent.update(agent)
-    with open(env.config, "wb") as f:
-        f.write(tomli_w.dumps({"version": 1, "default_provider": config.default_provider,
-                               "providers": config.providers, "agent": config.agent}).encode())
+    for key, value in agent.items():
+        setattr(config.agent, key, value)
+    config.save()
 
 
 def key_id_of(env, disk: str) -> str:

@@ -72,8 +72,8 @@ def test_encrypt_then_decrypt_a_folder(venv_env, tmp_path):
 
 
 def test_interrupted_encrypt_leaves_old_or_new_state(venv_env):
-    from vmfs_crypt import disks
-    from vmfs_crypt.folder import TMP_PREFIX, VmFolder
+    from vmfs_crypt.format.folder import TMP_PREFIX, VmFolder
+    from vmfs_crypt.format.journal import recover
     vm = make_plain_vm(venv_env)
     original = tree_hashes(vm)
     # Before the commit point: a half-written temporary copy is all an interruption leaves.
@@ -109,7 +109,7 @@ def test_interrupted_encrypt_leaves_old_or_new_state(venv_env):
         renames.append((TMP_PREFIX + name, name))
     with open(os.path.join(vm, ".vmfs-crypt-journal.json"), "w") as f:
         json.dump({"version": 1, "renames": renames, "keys": keys_doc.decode()}, f)
-    assert disks.recover(folder) is not None
+    assert recover(folder) is not None
     assert not os.path.exists(os.path.join(vm, ".vmfs-crypt-journal.json"))
     assert venv_env.run("cat", os.path.join(vm, "vm1.nvram")).stdout == PATTERN * 17 + b"tail"
 
@@ -121,7 +121,7 @@ def test_wrong_key_is_refused_and_nothing_changes(venv_env):
     cfg_dir = os.path.dirname(venv_env.config)
     venv_env.run("provider", "add", "native", "other")
     shutil.copy(os.path.join(cfg_dir, "native-other.key"), os.path.join(cfg_dir, "native-local.key"))
-    key_id = json.loads(venv_env.run("info", "--json", vm).stdout)["folder_kek"]["key_id"]
+    key_id = json.loads(venv_env.run("info", "--json", vm).stdout)["kek"]["keyId"]
     proc = venv_env.run("cat", os.path.join(vm, "vm1.nvram"), check=False)
     assert_clean_error(proc, "vm1.nvram", "local", key_id, code=5)
     assert proc.stdout == b""
@@ -197,8 +197,12 @@ def test_key_file_with_loose_permissions_is_refused(venv_env):
     assert os.listdir(os.path.join(venv_env.datastore, "vm1")) == [], err
     mnt = os.path.join(venv_env.base, "mnt")
     os.makedirs(mnt)
-    proc = venv_env.run("mount", venv_env.datastore, mnt, check=False)
-    assert_clean_error(proc, "chmod 600")
+    # A broken provider is reported where it is used and never blocks the mount (issue 9).
+    with mounted(venv_env, mnt) as mp:
+        status = venv_env.run("status").stdout.decode()
+        assert "BROKEN" in status and "chmod 600" in status, status
+        assert os.listdir(mp) == ["vm1"]
+    assert "chmod 600" in venv_env.mount_logs()
 
 
 def test_backup_and_restore(venv_env):
@@ -238,7 +242,7 @@ def test_agent_restart_and_hardening(venv_env):
     socks = [n for n in os.listdir(sock_dir) if n.endswith(".sock")]
     assert socks and all(os.stat(os.path.join(sock_dir, s)).st_mode & 0o777 == 0o600 for s in socks)
     with mounted(venv_env) as mnt:
-        mount_pid = int(subprocess.run(["pgrep", "-f", f"mount --foreground.*{mnt}"], capture_output=True,
+        mount_pid = int(subprocess.run(["pgrep", "-f", f"vmfs_crypt.fuse .*{mnt}"], capture_output=True,
                                        text=True).stdout.split()[0])
         assert proc_limits_core(mount_pid) == "0"
         with open(f"/proc/{mount_pid}/cmdline", "rb") as f:
@@ -247,7 +251,10 @@ def test_agent_restart_and_hardening(venv_env):
         fd = os.open(path, os.O_RDWR)
         try:
             os.pwrite(fd, PATTERN, 4096)
-            venv_env.run("agent", "stop")
+            # The mount uses the agent: a plain stop is refused and names it (issue 9); --force stops it.
+            refused = venv_env.run("agent", "stop", check=False)
+            assert_clean_error(refused, "in use", "mount of", code=11)
+            venv_env.run("agent", "stop", "--force")
             os.pwrite(fd, PATTERN, 8192)  # an open disk keeps working without the agent
             assert os.pread(fd, len(PATTERN), 4096) == PATTERN
             with pytest.raises(PermissionError):  # a new file needs a key from the agent
@@ -291,8 +298,8 @@ def test_rekey(venv_env, tmp_path, deep):
         venv_env.tool("qemu-img", "convert", "-O", "raw", os.path.join(mnt, "vm1", "disk.vmdk"), plain_copy)
     venv_env.run("rekey", vm, *(["--deep"] if deep else []))
     after = json.loads(venv_env.run("info", "--json", vm).stdout)
-    assert after["folder_kek"]["key_id"] != before["folder_kek"]["key_id"]
-    assert {f["key_id"] for f in after["files"] if f["key_id"]} == {after["folder_kek"]["key_id"]}
+    assert after["kek"]["keyId"] != before["kek"]["keyId"]
+    assert {f["kek"]["keyId"] for f in after["files"] if f["kek"]} == {after["kek"]["keyId"]}
     rekeyed = tree_hashes(vm)
     for name in ("disk-flat.vmdk", "sparse.vmdk", "vm1.nvram"):
         # shallow: same DEKs, data untouched; deep: new DEKs, every data file rewritten

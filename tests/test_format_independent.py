@@ -397,8 +397,8 @@ def test_decrypt_a_disk_written_through_the_mount(venv_env):
 # ==== vmfs-crypt's own reader: short last sectors that encrypt to zeros ==============================
 def test_short_last_sector_that_encrypts_to_zeros():
     """Section 3.4: a partial last sector under 16 bytes is never a hole, even when its ciphertext is zero."""
-    from vmfs_crypt.holes import decrypt_sectors
-    from vmfs_crypt.xts import SectorCipher
+    from vmfs_crypt.format.holes import decrypt_sectors
+    from vmfs_crypt.crypto.xts import SectorCipher
 
     dek = bytes(range(0x80, 0xC0))
     cipher = SectorCipher(dek)

@@ -128,13 +128,15 @@ def test_holes_stay_holes():
 
 
 def test_info_reports_the_keys(golden):
+    """`info --json`: one spelling of a KEK reference ({"provider", "keyId"}) wherever it appears."""
+    want_kek = {"provider": MANIFEST["folder_kek"]["provider"], "keyId": MANIFEST["folder_kek"]["key_id"]}
     info = json.loads(golden.run("info", "--json", os.path.join(golden.ds, "vm1")).stdout)
-    assert info["encrypted"] is True
+    assert info["encrypted"] is True and info["state"] == "encrypted"
     assert info["cipher"].startswith("aes-xts-plain64")
     assert info["sector_size"] == 512
-    assert info["folder_kek"] == MANIFEST["folder_kek"]
-    assert info["folder_kek"]["provider"] == "golden"
-    assert re.fullmatch(r"[0-9a-f]{32}", info["folder_kek"]["key_id"])
+    assert info["kek"] == want_kek
+    assert info["kek"]["provider"] == "golden"
+    assert re.fullmatch(r"[0-9a-f]{32}", info["kek"]["keyId"])
     files = {f["name"]: f for f in info["files"]}
     vm1 = {rel[4:]: v for rel, v in MANIFEST["files"].items() if rel.startswith("vm1/")}
     assert set(files) == set(vm1), "the folder key file is hidden; every other file is listed"
@@ -143,17 +145,17 @@ def test_info_reports_the_keys(golden):
         assert got["role"] == want["role"], name
         assert got["key_in"] == want["key_in"], name
         if want["role"] == "encrypted":
-            assert (got["provider"], got["key_id"]) == ("golden", MANIFEST["folder_kek"]["key_id"])
+            assert got["kek"] == want_kek
         else:
-            assert got["provider"] is None and got["key_id"] is None
+            assert got["kek"] is None
 
     one = json.loads(golden.run("info", "--json", os.path.join(golden.ds, "vm1", "disk.vmdk")).stdout)
-    assert one["descriptor_key"] == MANIFEST["folder_kek"]
+    assert one["disk"]["kek"] == want_kek
     assert {f["name"] for f in one["files"]} == {"disk.vmdk", "disk-flat.vmdk"}
 
     plain = json.loads(golden.run("info", "--json", os.path.join(golden.ds, "plain")).stdout)
-    assert plain["encrypted"] is False
-    assert "folder_kek" not in plain
+    assert plain["encrypted"] is False and plain["state"] == "plain"
+    assert plain["kek"] is None and plain["cipher"] is None
     assert {f["name"]: f["role"] for f in plain["files"]} == {"data.bin": "plaintext", "notes.txt": "plaintext"}
 
 

@@ -10,12 +10,12 @@ import random
 
 import pytest
 
-from vmfs_crypt import keywrap
-from vmfs_crypt.descriptor import (encryption_lines, extents, flat_descriptor, format_encryption_lines,
+from vmfs_crypt.crypto import keywrap
+from vmfs_crypt.format.descriptor import (encryption_lines, extents, flat_descriptor, format_encryption_lines,
                                    insert_encryption_lines, is_descriptor, read_key_record,
                                    strip_encryption_lines)
 from vmfs_crypt.errors import FormatError, KeyUnwrapError
-from vmfs_crypt.keysafe import (EncryptionData, KeyRecord, KeyRef, KeySafe, escape_field, unescape_field)
+from vmfs_crypt.format.keysafe import (EncryptionData, KeyRecord, KeyRef, KeySafe, escape_field, unescape_field)
 
 KEK = bytes(range(32))
 DEK = bytes(range(0x80, 0xC0))

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import VmfsEnv, mounted
 from kmip_server import HungListener, KmipCluster, add_kmip_provider, edit_config, key_id_of, wait_until
-from vmfs_crypt.kmip_tls import CertificateAuthority
+from kmip_tls import CertificateAuthority
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning:kmip"),

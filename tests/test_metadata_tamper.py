@@ -6,7 +6,7 @@ native provider's key file. Each flipped copy goes through the library code that
 `vmfs-crypt cat` uses (the parsers behind VmFolder's key lookup, the agent's KEK lookup, the
 unwrap), not through a mount, so that tens of thousands of flips take a few seconds; every 37th
 flip, and every flip that is accepted, also goes through the whole lookup on disk (VmFolder)
-and, when accepted, through `disks.cat_file`. The allowed outcomes of one flip:
+and, when accepted, through `ops.lifecycle.cat_file`. The allowed outcomes of one flip:
 
 - a VmfsCryptError subclass (FormatError, KeyUnwrapError, ProviderError, KeyNotFoundError,
   DataError for "no key for this file"), or
@@ -25,30 +25,22 @@ import shutil
 
 import pytest
 
-from vmfs_crypt import disks
-from vmfs_crypt.agent import KeyService
+from vmfs_crypt.agent.broker import InProcessKeys
+from vmfs_crypt.format.journal import recover
+from vmfs_crypt.ops.lifecycle import cat_file
+from vmfs_crypt.agent.service import KeyService
 from vmfs_crypt.config import load_config
 from vmfs_crypt.errors import (DataError, FormatError, KeyFilePermissionError, KeyUnwrapError, ProviderError,
                                VmfsCryptError)
-from vmfs_crypt.descriptor import read_key_record
-from vmfs_crypt.folder import FOLDER_KEYS_NAME, FolderKeys, VmFolder
-from vmfs_crypt.keysafe import KeyRecord
+from vmfs_crypt.format.descriptor import read_key_record
+from vmfs_crypt.format.folder import FOLDER_KEYS_NAME, FolderKeys, VmFolder
+from vmfs_crypt.format.keysafe import KeyRecord
 from vmfs_crypt.providers.native import NativeKeyProvider
-from vmfs_crypt.xts import SectorCipher
+from vmfs_crypt.crypto.xts import SectorCipher
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, "golden")
 BITS = tuple(1 << b for b in range(8))  # every single-bit flip of every byte
-
-
-class LocalAgent:
-    """What the agent does for an unwrap, in-process: KEK by reference from the configured provider."""
-
-    def __init__(self, service: KeyService) -> None:
-        self.service = service
-
-    def unwrap(self, record: KeyRecord, what: str) -> bytes:
-        return record.open(self.service.kek(record.keysafe.kek), what)
 
 
 class Store:
@@ -73,15 +65,15 @@ class Store:
         return [rel[4:] for rel, f in self.manifest["files"].items() if rel.startswith("vm1/") and f["role"] == "encrypted"]
 
     def dek_of(self, name: str, service: KeyService) -> bytes:
-        """The lookup and unwrap of a mount or of `vmfs-crypt cat` (disks.cat_file, fs._cipher_for)."""
+        """The lookup and unwrap of a mount or of `vmfs-crypt cat` (ops.lifecycle.cat_file, fs.core._key_record)."""
         record = self.folder.key_record_for(name)
         if record is None:
             raise DataError(f"{name}: no key in its descriptor or {FOLDER_KEYS_NAME}")
-        return LocalAgent(service).unwrap(record, name)
+        return InProcessKeys(service).unwrap(record, name)
 
     def plaintext_sha256(self, name: str, service: KeyService | None = None) -> str:
         h = hashlib.sha256()
-        disks.cat_file(os.path.join(self.vm, name), LocalAgent(service or self.service), h.update)
+        cat_file(os.path.join(self.vm, name), InProcessKeys(service or self.service), h.update)
         return h.hexdigest()
 
     def write(self, name: str, data: bytes) -> None:
@@ -167,7 +159,7 @@ def test_flip_descriptor_encryption_lines(store, descriptor, extent):
         record = read_key_record(raw, path)
         if record is None:
             raise DataError("no key")
-        return LocalAgent(store.service).unwrap(record, extent) == want
+        return InProcessKeys(store.service).unwrap(record, extent) == want
 
     n = 0
     try:
@@ -208,7 +200,7 @@ def test_flip_folder_key_file(store):
         record = parsed.files.get(name)
         if record is None:
             raise DataError("no key")
-        return LocalAgent(store.service).unwrap(record, name) == store.deks[name]
+        return InProcessKeys(store.service).unwrap(record, name) == store.deks[name]
 
     n = 0
     try:
@@ -407,7 +399,7 @@ def _b64json(obj) -> str:
 
 @pytest.mark.parametrize("feature", [[], {}])
 def test_unhashable_feature_is_a_format_error(store, feature):
-    from vmfs_crypt.keysafe import EncryptionData
+    from vmfs_crypt.format.keysafe import EncryptionData
 
     with pytest.raises(FormatError):
         EncryptionData.decode(_b64json({"cipher": "aes-xts-plain64", "features": [feature], "id": "0" * 32,
@@ -425,7 +417,7 @@ def test_unhashable_feature_is_a_format_error(store, feature):
     {"version": 1, "renames": [], "keys": "not a folder key file"},
 ])
 def test_a_bad_journal_is_refused_and_changes_nothing(tmp_path, journal):
-    from vmfs_crypt.folder import JOURNAL_NAME
+    from vmfs_crypt.format.folder import JOURNAL_NAME
 
     folder = tmp_path / "vm"
     folder.mkdir()
@@ -437,7 +429,7 @@ def test_a_bad_journal_is_refused_and_changes_nothing(tmp_path, journal):
     before = sorted(p.name for p in tmp_path.rglob("*"))
     try:
         with pytest.raises(FormatError):
-            disks.recover(VmFolder(str(folder)))
+            recover(VmFolder(str(folder)))
     finally:
         assert sorted(p.name for p in tmp_path.rglob("*")) == before
         assert (folder / FOLDER_KEYS_NAME).read_bytes() == keys

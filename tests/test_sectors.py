@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from vmfs_crypt.sectors import (
+from vmfs_crypt.crypto.sectors import (
     SECTOR_SIZE,
     XTS_BLOCK_SIZE,
     plain_off_to_sector,

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from vmfs_crypt import xts
-from vmfs_crypt.sectors import SECTOR_SIZE
-from vmfs_crypt.xts import DEK_SIZE, MAX_SECTOR_NO, SectorCipher, sector_tweak
+from vmfs_crypt.crypto import xts
+from vmfs_crypt.crypto.sectors import SECTOR_SIZE
+from vmfs_crypt.crypto.xts import DEK_SIZE, MAX_SECTOR_NO, SectorCipher, sector_tweak
 
 NIST_FILE = "ciphers/AES/XTS/tweak-dataunitseqno/XTSGenAES256.rsp"
 

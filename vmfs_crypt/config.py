@@ -1,17 +1,31 @@
-"""The TOML configuration: key providers, the default provider, the agent's socket."""
+"""The TOML configuration: key providers, the default provider, the agent; validated when loaded, written by one `save`."""
 
 import hashlib
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
 
 import tomli_w
 
-from .atomicio import write_atomic
 from .errors import ConfigError, UsageError
+from .format.atomicio import write_atomic
+from .runtime import runtime_dir
 
 CONFIG_ENV = "VMFS_CRYPT_CONFIG"
 CONFIG_VERSION = 1
+DEFAULT_RETRY_INTERVAL_S = 30.0
+
+# Every setting of every table, with its type: anything else is refused at load, so that a
+# typo never turns into a thread dying at run time (issue 8: a bad retry_interval did).
+_STR, _NUMBER, _NONNEG, _STR_LIST = "a string", "a positive number", "a number >= 0", "a list of strings"
+PROVIDER_SCHEMAS: dict[str, dict[str, str]] = {
+    "native": {"type": _STR, "key_file": _STR},
+    "kmip": {"type": _STR, "servers": _STR_LIST, "cert": _STR, "key": _STR, "ca": _STR,
+             "connect_timeout": _NUMBER, "request_timeout": _NUMBER, "holdoff": _NONNEG, "on_revoke": _STR},
+}
+AGENT_SCHEMA = {"socket": _STR, "retry_interval": _NUMBER}
+ON_REVOKE_CHOICES = ("keep", "lock")
 
 
 def default_config_path() -> str:
@@ -21,13 +35,56 @@ def default_config_path() -> str:
     return os.path.join(base, "vmfs-crypt", "config.toml")
 
 
-def runtime_dir() -> str:
-    """A private directory for agent sockets ($XDG_RUNTIME_DIR, else /run for root, else /tmp)."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if not base:
-        base = "/run" if os.geteuid() == 0 and os.path.isdir("/run") else "/tmp"
-        return os.path.join(base, f"vmfs-crypt-{os.geteuid()}")
-    return os.path.join(base, "vmfs-crypt")
+def _check_value(value, kind: str) -> bool:
+    if kind == _STR:
+        return isinstance(value, str) and bool(value)
+    if kind == _NUMBER:
+        return type(value) in (int, float) and math.isfinite(value) and value > 0
+    if kind == _NONNEG:
+        return type(value) in (int, float) and math.isfinite(value) and value >= 0
+    if kind == _STR_LIST:
+        return isinstance(value, list) and bool(value) and all(isinstance(v, str) and v for v in value)
+    raise AssertionError(kind)
+
+
+def _check_table(table, schema: dict[str, str], where: str, path: str) -> dict:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: {where} must be a table")
+    for key, value in table.items():
+        if key not in schema:
+            raise ConfigError(f"{path}: unknown setting {key!r} in {where} (known: {', '.join(sorted(schema))})")
+        if not _check_value(value, schema[key]):
+            raise ConfigError(f"{path}: {where}.{key} must be {schema[key]}, not {value!r}")
+    return dict(table)
+
+
+def check_provider_settings(name: str, settings, path: str) -> dict:
+    where = f"[providers.{name}]"
+    if not isinstance(settings, dict) or settings.get("type") not in PROVIDER_SCHEMAS:
+        kind = settings.get("type") if isinstance(settings, dict) else None
+        raise ConfigError(f"{path}: {where} needs type = one of {', '.join(PROVIDER_SCHEMAS)} (not {kind!r})")
+    settings = _check_table(settings, PROVIDER_SCHEMAS[settings["type"]], where, path)
+    if settings["type"] == "kmip":
+        for required in ("servers", "cert", "key", "ca"):
+            if required not in settings:
+                raise ConfigError(f"{path}: {where} lacks {required}")
+        if settings.get("on_revoke", "keep") not in ON_REVOKE_CHOICES:
+            raise ConfigError(f"{path}: {where}.on_revoke must be one of {', '.join(ON_REVOKE_CHOICES)}")
+    return settings
+
+
+@dataclass
+class AgentSettings:
+    socket: str | None = None
+    retry_interval: float = DEFAULT_RETRY_INTERVAL_S
+
+    def to_toml(self) -> dict:
+        out: dict = {}
+        if self.socket:
+            out["socket"] = self.socket
+        if self.retry_interval != DEFAULT_RETRY_INTERVAL_S:
+            out["retry_interval"] = self.retry_interval
+        return out
 
 
 @dataclass
@@ -35,7 +92,7 @@ class Config:
     path: str
     default_provider: str | None = None
     providers: dict[str, dict] = field(default_factory=dict)
-    agent: dict = field(default_factory=dict)
+    agent: AgentSettings = field(default_factory=AgentSettings)
 
     @property
     def dir(self) -> str:
@@ -44,8 +101,8 @@ class Config:
     @property
     def agent_socket(self) -> str:
         """The agent socket: configured, else one per config file in the private runtime dir."""
-        if self.agent.get("socket"):
-            return str(self.agent["socket"])
+        if self.agent.socket:
+            return self.agent.socket
         tag = hashlib.sha256(os.path.abspath(self.path).encode()).hexdigest()[:12]
         return os.path.join(runtime_dir(), f"agent-{tag}.sock")
 
@@ -58,9 +115,14 @@ class Config:
             raise ConfigError(f"provider {name!r} is not in {self.path}; known: {', '.join(sorted(self.providers)) or 'none'}")
         return name, self.providers[name]
 
+    def resolve_path(self, value: str) -> str:
+        """A path setting: absolute, or relative to the configuration file's directory."""
+        return value if os.path.isabs(value) else os.path.join(self.dir, value)
+
     def native_key_file(self, name: str, settings: dict | None = None) -> str:
         """A native provider's primary key file: as configured, else native-NAME.key beside the config."""
-        return (settings or {}).get("key_file") or os.path.join(self.dir, f"native-{name}.key")
+        configured = (settings or {}).get("key_file")
+        return self.resolve_path(configured) if configured else os.path.join(self.dir, f"native-{name}.key")
 
     def check_new_provider(self, name: str) -> None:
         if name in self.providers:
@@ -69,16 +131,24 @@ class Config:
     def add_provider(self, name: str, settings: dict) -> None:
         """Record a provider (the first one becomes the default) and save the file."""
         self.check_new_provider(name)
-        self.providers[name] = settings
+        self.providers[name] = check_provider_settings(name, settings, self.path)
         self.default_provider = self.default_provider or name
         self.save()
 
+    def remove_provider(self, name: str) -> None:
+        self.provider(name)
+        del self.providers[name]
+        if self.default_provider == name:
+            self.default_provider = sorted(self.providers)[0] if self.providers else None
+        self.save()
+
     def save(self) -> None:
-        doc = {"version": CONFIG_VERSION, "providers": self.providers}
+        doc: dict = {"version": CONFIG_VERSION, "providers": self.providers}
         if self.default_provider:
             doc["default_provider"] = self.default_provider
-        if self.agent:
-            doc["agent"] = self.agent
+        agent = self.agent.to_toml()
+        if agent:
+            doc["agent"] = agent
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         write_atomic(self.path, tomli_w.dumps(doc).encode("utf-8"), 0o600)
 
@@ -92,14 +162,22 @@ def load_config(path: str | None = None) -> Config:
         return Config(path=path)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration ({exc.strerror})") from None
     version = doc.get("version", CONFIG_VERSION)
-    if version != CONFIG_VERSION:
+    if type(version) is not int or version != CONFIG_VERSION:
         raise ConfigError(f"{path}: config version {version!r} is not supported; upgrade vmfs-crypt")
     unknown = set(doc) - {"version", "default_provider", "providers", "agent"}
     if unknown:
         raise ConfigError(f"{path}: unknown settings {sorted(unknown)}")
     providers = doc.get("providers", {})
-    if not isinstance(providers, dict) or not all(isinstance(v, dict) and "type" in v for v in providers.values()):
-        raise ConfigError(f"{path}: each [providers.NAME] table needs a type")
-    return Config(path=path, default_provider=doc.get("default_provider"), providers=providers,
-                  agent=doc.get("agent", {}))
+    if not isinstance(providers, dict):
+        raise ConfigError(f"{path}: providers must be a table of [providers.NAME] tables")
+    providers = {name: check_provider_settings(name, s, path) for name, s in providers.items()}
+    default = doc.get("default_provider")
+    if default is not None and (not isinstance(default, str) or default not in providers):
+        raise ConfigError(f"{path}: default_provider {default!r} is not one of the configured providers")
+    agent = _check_table(doc.get("agent", {}), AGENT_SCHEMA, "[agent]", path)
+    return Config(path=path, default_provider=default, providers=providers,
+                  agent=AgentSettings(socket=agent.get("socket"),
+                                      retry_interval=float(agent.get("retry_interval", DEFAULT_RETRY_INTERVAL_S))))

@@ -1,47 +1,54 @@
-"""Detached helper processes (the agent, the FUSE mount) that report readiness over an inherited pipe."""
+"""Detached helper processes (the agent, the FUSE mount) that report readiness over an inherited pipe.
+
+The child writes one line and closes the pipe: "ok", or "error CODE message" where CODE is
+the stable code of a `VmfsCryptError` class (errors.py), so the parent raises the class and
+exit code the child failed with.
+"""
 
 import os
 import select
 import subprocess
 
-from . import errors
-from .errors import VmfsCryptError
+from .errors import VmfsCryptError, error_for_code
 
 
 class ReadyPipe:
-    """The child's end: one line, "ok" or "error CLASS message", then the pipe closes."""
+    """The child's end of the readiness pipe."""
 
     def __init__(self, fd: int | None) -> None:
         self.fd = fd
 
     def report(self, line: str) -> None:
         if self.fd is not None:
-            os.write(self.fd, line.encode("utf-8", "replace") + b"\n")
+            try:
+                os.write(self.fd, line.replace("\n", " ").encode("utf-8", "replace") + b"\n")
+            except OSError:  # the parent gave up waiting: nothing to tell
+                pass
             os.close(self.fd)
             self.fd = None
 
     def ok(self) -> None:
         self.report("ok")
 
-    def error(self, exc: Exception, cls: type | None = None) -> None:
-        self.report(f"error {(cls or type(exc)).__name__} {exc}")
+    def error(self, exc: Exception, default: type[VmfsCryptError] = VmfsCryptError) -> None:
+        code = exc.code if isinstance(exc, VmfsCryptError) else default.code
+        self.report(f"error {code} {exc}")
 
 
-def error_class(name: str, default: type) -> type:
-    """The VmfsCryptError subclass of that name (so exit codes survive the pipe), else `default`."""
-    cls = getattr(errors, name, None)
-    return cls if isinstance(cls, type) and issubclass(cls, VmfsCryptError) else default
-
-
-def spawn_detached(cmd: list[str], log_path: str, timeout_s: float) -> tuple[subprocess.Popen, str]:
-    """Start `cmd` (with "--ready-fd N" appended) in its own session, logging to `log_path`;
+def spawn_detached(cmd: list[str], log_path: str, timeout_s: float, env: dict | None = None,
+                   ) -> tuple[subprocess.Popen, str]:
+    """Start `cmd` (with "--ready-fd N" appended) in its own session, logging to `log_path` (0600);
     return the process and its first line ("" if it said nothing within `timeout_s`)."""
     read_fd, write_fd = os.pipe()
-    os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd + ["--ready-fd", str(write_fd)], stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=log, pass_fds=(write_fd,), start_new_session=True, close_fds=True)
-    os.close(write_fd)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(log_fd, 0o600)
+        proc = subprocess.Popen(cmd + ["--ready-fd", str(write_fd)], stdin=subprocess.DEVNULL, stdout=log_fd,
+                                stderr=log_fd, pass_fds=(write_fd,), start_new_session=True, close_fds=True,
+                                env=env)
+    finally:
+        os.close(log_fd)
+        os.close(write_fd)
     try:
         ready, _, _ = select.select([read_fd], [], [], timeout_s)
         line = os.read(read_fd, 4096).decode("utf-8", "replace").strip() if ready else ""
@@ -50,7 +57,7 @@ def spawn_detached(cmd: list[str], log_path: str, timeout_s: float) -> tuple[sub
     return proc, line
 
 
-def raise_for(line: str, default: type, fallback: str) -> None:
-    """Turn a child's "error CLASS message" line into that exception (or `default` with `fallback`)."""
-    _, cls_name, text = (line.split(" ", 2) + ["", ""])[:3]
-    raise error_class(cls_name, default)(text or fallback)
+def raise_for(line: str, default: type[VmfsCryptError], fallback: str) -> None:
+    """Turn a child's "error CODE message" line into that exception (or `default` with `fallback`)."""
+    _, code, text = (line.split(" ", 2) + ["", ""])[:3]
+    raise error_for_code(code, text or fallback, default)

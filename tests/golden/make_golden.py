@@ -92,11 +92,11 @@ def _hex_lines(data: bytes, indent: int) -> str:
 def format_vectors() -> str:
     """The vector block of docs/FORMAT.md, computed with vmfs-crypt's own code."""
     sys.path.insert(0, REPO)
-    from vmfs_crypt import keywrap
-    from vmfs_crypt.descriptor import format_encryption_lines
-    from vmfs_crypt.keysafe import EncryptionData, KeyRecord, KeyRef
+    from vmfs_crypt.crypto import keywrap
+    from vmfs_crypt.format.descriptor import format_encryption_lines
+    from vmfs_crypt.format.keysafe import EncryptionData, KeyRecord, KeyRef
     from vmfs_crypt.providers.native import derive_kek
-    from vmfs_crypt.xts import SectorCipher
+    from vmfs_crypt.crypto.xts import SectorCipher
 
     kek = derive_kek(VECTOR_PRIMARY, VECTOR_KEY_ID)
     record_json = {"cipher": "aes-xts-plain64", "features": [], "id": VECTOR_FILE_ID, "sectorSize": 512,

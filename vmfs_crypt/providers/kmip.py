@@ -36,7 +36,7 @@ import threading
 import time
 import warnings
 
-from ..errors import ConfigError, KeyNotFoundError, ProviderError
+from ..errors import ConfigError, KeyNotFoundError, KeyRevokedError, ProviderError
 from .base import KeyProvider
 
 with warnings.catch_warnings():
@@ -117,7 +117,7 @@ class KmipKeyProvider(KeyProvider):
             value = settings.get(field)
             if not value or not isinstance(value, str):
                 raise ConfigError(f"provider {name} in {config.path}: missing {field} (path to a PEM file)")
-            return value if os.path.isabs(value) else os.path.join(config.dir, value)
+            return config.resolve_path(value)
 
         servers = settings.get("servers")
         if isinstance(servers, str):
@@ -256,7 +256,6 @@ class KmipKeyProvider(KeyProvider):
         if reason == enums.ResultReason.ITEM_NOT_FOUND:
             gone = KeyNotFoundError(f"key {key_id} is gone from provider {self.name}: it was destroyed there, or "
                                     f"never existed there ({where} answered ITEM_NOT_FOUND)")
-            gone.revoked = True
             return gone
         if reason == enums.ResultReason.PERMISSION_DENIED:
             return ProviderError(f"provider {self.name} ({where}) denies {op} of key {key_id}: keys belong to the "
@@ -283,18 +282,17 @@ class KmipKeyProvider(KeyProvider):
         raise ProviderError(f"provider {self.name}: the server gave no State for key {key_id}")
 
     def check_usable(self, key_id: str) -> None:
-        """Raise a clear ProviderError unless the key is active (revoked, destroyed, not yet activated)."""
+        """Raise a clear KeyRevokedError unless the key is active (revoked, destroyed, not yet activated)."""
         state = self.key_state(key_id)
         if state == enums.State.ACTIVE:
             return
         if state in (enums.State.DESTROYED, enums.State.DESTROYED_COMPROMISED):
             exc = KeyNotFoundError(f"key {key_id} was destroyed on provider {self.name}")
         elif state in (enums.State.DEACTIVATED, enums.State.COMPROMISED):
-            exc = ProviderError(f"key {key_id} was revoked on provider {self.name} (state {state.name}); "
-                                "disks under it stay locked unless the key is made active again")
+            exc = KeyRevokedError(f"key {key_id} was revoked on provider {self.name} (state {state.name}); "
+                                  "disks under it stay locked unless the key is made active again")
         else:
-            exc = ProviderError(f"key {key_id} on provider {self.name} is not active (state {state.name})")
-        exc.revoked = True  # the agent tells a key taken out of service from an outage by this
+            exc = KeyRevokedError(f"key {key_id} on provider {self.name} is not active (state {state.name})")
         raise exc
 
     def get_kek(self, key_id: str) -> bytes:
@@ -328,22 +326,6 @@ class KmipKeyProvider(KeyProvider):
                                 f"failed: {getattr(exc, 'message', exc)}") from None
         log.info("provider %s: created key %s (%s)", self.name, uid, name)
         return str(uid)
-
-    # Tools and tests: take a key out of service.
-    def revoke(self, key_id: str, compromised: bool = False) -> None:
-        reason = (enums.RevocationReasonCode.KEY_COMPROMISE if compromised
-                  else enums.RevocationReasonCode.CESSATION_OF_OPERATION)
-        kwargs = {"compromise_occurrence_date": int(time.time())} if compromised else {}
-        try:
-            self._call("Revoke", key_id, lambda client: client.revoke(reason, key_id, **kwargs))
-        except (kmip_exceptions.KmipOperationFailure, kmip_core_exceptions.KmipError) as exc:
-            raise self._failure(exc, key_id, "Revoke") from None
-
-    def destroy(self, key_id: str) -> None:
-        try:
-            self._call("Destroy", key_id, lambda client: client.destroy(key_id))
-        except (kmip_exceptions.KmipOperationFailure, kmip_core_exceptions.KmipError) as exc:
-            raise self._failure(exc, key_id, "Destroy") from None
 
     def probe(self) -> list[tuple[str, str | None]]:
         """Each server: (address, None) if it takes our certificate and answers a Locate, else (address, why)."""

@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from ..atomicio import write_atomic
 from ..errors import ConfigError, FormatError, KeyFilePermissionError, KeyNotFoundError
-from ..strict import b64decode_canonical, check_members, check_version_features, json_object
+from ..format.atomicio import NotRegularFile, open_regular, read_fd, write_atomic
+from ..format.strict import b64decode_canonical, check_members, check_version_features, json_object
 from .base import KeyProvider
 
 PRIMARY_KEY_SIZE = 32
@@ -32,14 +32,23 @@ def derive_kek(primary_key: bytes, key_id: str) -> bytes:
     return hkdf.derive(primary_key)
 
 
-def _check_private(path: str) -> None:
-    st = os.stat(path)
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyFilePermissionError(
-            f"{path}: key file is readable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"run 'chmod 600 {path}' and check nobody copied it")
-    if st.st_uid != os.geteuid():
-        raise KeyFilePermissionError(f"{path}: key file belongs to uid {st.st_uid}, not to you (uid {os.geteuid()})")
+KEY_FILE_MAX_SIZE = 64 << 10
+
+
+def _read_private(path: str) -> bytes:
+    """A key file's bytes: a regular file (never a symlink or a FIFO), ours, readable by nobody else."""
+    fd = open_regular(path)
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise KeyFilePermissionError(
+                f"{path}: key file is readable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                f"run 'chmod 600 {path}' and check nobody copied it")
+        if st.st_uid != os.geteuid():
+            raise KeyFilePermissionError(f"{path}: key file belongs to uid {st.st_uid}, not to you (uid {os.geteuid()})")
+        return read_fd(fd, KEY_FILE_MAX_SIZE)
+    finally:
+        os.close(fd)
 
 
 def _parse_key_doc(raw: bytes, path: str, fmt: str, members: set[str]) -> dict:
@@ -59,6 +68,7 @@ class NativeKeyProvider(KeyProvider):
     """Like vSphere's Native Key Provider: needs no server; the primary key file is the secret."""
 
     kind = "native"
+    has_backup = True
 
     def __init__(self, name: str, key_file: str) -> None:
         super().__init__(name)
@@ -79,12 +89,13 @@ class NativeKeyProvider(KeyProvider):
     def _primary_key(self) -> bytes:
         if self._primary is None:
             try:
-                _check_private(self.key_file)
-                with open(self.key_file, "rb") as f:
-                    raw = f.read()
+                raw = _read_private(self.key_file)
             except FileNotFoundError:
                 raise ConfigError(f"provider {self.name}: key file {self.key_file} is missing; restore it with "
                                   f"'vmfs-crypt provider restore {self.name} BACKUP'") from None
+            except NotRegularFile:
+                raise ConfigError(f"provider {self.name}: key file {self.key_file} is not a regular file "
+                                  "(a symlink, FIFO or device); replace it with the real key file") from None
             doc = _parse_key_doc(raw, self.key_file, KEY_FILE_FORMAT, _KEY_FILE_MEMBERS)
             if not isinstance(doc["key"], str):
                 raise FormatError(f"{self.key_file}: the key field must be a base64 string")
@@ -145,10 +156,15 @@ class NativeKeyProvider(KeyProvider):
     def restore(name: str, key_file: str, backup_path: str, passphrase: bytes) -> "NativeKeyProvider":
         """Recreate a primary key file from a backup (refusing to overwrite a different key)."""
         try:
-            with open(backup_path, "rb") as f:
-                doc = _parse_key_doc(f.read(), backup_path, BACKUP_FORMAT, _BACKUP_MEMBERS)
+            fd = open_regular(backup_path)
         except FileNotFoundError:
             raise ConfigError(f"{backup_path}: no such backup file") from None
+        except NotRegularFile:
+            raise ConfigError(f"{backup_path}: not a regular file") from None
+        try:
+            doc = _parse_key_doc(read_fd(fd, KEY_FILE_MAX_SIZE), backup_path, BACKUP_FORMAT, _BACKUP_MEMBERS)
+        finally:
+            os.close(fd)
         kdf = doc["kdf"]
         # Only the parameters we write: a crafted file must not make scrypt take unbounded memory.
         if (not isinstance(kdf, dict) or set(kdf) != {"name", "n", "r", "p", "salt"} or kdf["name"] != "scrypt"

@@ -4,7 +4,7 @@ import base64
 import binascii
 import json
 
-from .errors import FormatError
+from ..errors import FormatError
 
 
 def b64decode_canonical(text: str, what: str, field: str) -> bytes:
@@ -33,6 +33,8 @@ def json_object(raw: bytes, what: str) -> dict:
         doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (ValueError, UnicodeError) as exc:
         raise FormatError(f"{what}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise FormatError(f"{what}: not valid JSON (nested too deeply)") from None
     if not isinstance(doc, dict):
         raise FormatError(f"{what}: not a JSON object")
     return doc

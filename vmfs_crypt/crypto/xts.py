@@ -13,6 +13,7 @@ botan in tests/test_xts.py); docs/PERFORMANCE.md has the measurements.
 from __future__ import annotations
 
 import os
+import secrets
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -306,3 +307,11 @@ class SectorCipher:
         if not len(ciphertext):
             return bytearray()
         return self._run(first_sector_no, ciphertext, False)
+
+
+def new_dek() -> bytes:
+    """A fresh random DEK (from `secrets`) whose two halves differ, as XTS requires (FORMAT.md 3.1)."""
+    while True:
+        dek = secrets.token_bytes(DEK_SIZE)
+        if dek[:32] != dek[32:]:
+            return dek

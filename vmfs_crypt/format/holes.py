@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from .sectors import SECTOR_SIZE, XTS_BLOCK_SIZE
-from .xts import SectorCipher
+from ..crypto.sectors import SECTOR_SIZE, XTS_BLOCK_SIZE
+from ..crypto.xts import SectorCipher
 
 MIN_HOLE_TAIL = XTS_BLOCK_SIZE  # shorter partial last sectors are never holes
 _ZERO_BLOCK = bytes(XTS_BLOCK_SIZE)

@@ -1,12 +1,18 @@
 """VMDK text descriptors: recognise them, list their extents, and keep the encryption lines apart from the view QEMU sees."""
 
+import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
-from .errors import FormatError
+from ..errors import FormatError
+from .atomicio import open_regular, read_fd
 from .keysafe import KeyRecord
 
 DESCRIPTOR_MAGIC = b"# Disk DescriptorFile"
+# A text descriptor is a few hundred bytes (QEMU pads it to 512-byte multiples); a .vmdk
+# larger than this is a sparse or flat data file, never a descriptor we read whole.
+DESCRIPTOR_MAX_SIZE = 1 << 20
 KEYSAFE_KEY = "encryption.keySafe"
 DATA_KEY = "encryption.data"
 # A line of ours: optional blanks, "encryption.", the rest of the line and its newline.
@@ -22,6 +28,49 @@ class Extent:
     kind: str  # FLAT, VMFS, SPARSE, VMFSSPARSE, ZERO...
     file_name: str
     offset: int
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """A text VMDK descriptor as stored (with its encryption lines, if any)."""
+
+    path: str
+    raw: bytes
+
+    @cached_property
+    def extents(self) -> list["Extent"]:
+        return extents(self.raw)
+
+    @property
+    def has_encryption_lines(self) -> bool:
+        return bool(encryption_lines(self.raw))
+
+    def key_record(self) -> KeyRecord | None:
+        """Its key record, or None; FormatError when its encryption lines are malformed."""
+        return read_key_record(self.raw, self.path)
+
+    @property
+    def view(self) -> bytes:
+        return strip_encryption_lines(self.raw)
+
+
+def read_descriptor(path: str) -> Descriptor | None:
+    """The text descriptor stored at `path`, or None when `path` is not a regular file that starts like one.
+
+    The one reader of descriptors (mount, offline operations, inspection): a symlink, FIFO or
+    directory is never a descriptor, and never followed.
+    """
+    try:
+        fd = open_regular(path)
+    except OSError:
+        return None
+    try:
+        head = read_fd(fd, len(DESCRIPTOR_MAGIC))
+        if not is_descriptor(head):
+            return None  # a sparse or flat data file: read no further
+        return Descriptor(path, head + read_fd(fd, DESCRIPTOR_MAX_SIZE - len(head), len(head)))
+    finally:
+        os.close(fd)
 
 
 def is_descriptor(head: bytes) -> bool:

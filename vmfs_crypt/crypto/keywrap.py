@@ -4,7 +4,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
-from .errors import KeyUnwrapError
+from ..errors import KeyUnwrapError
 from .xts import DEK_SIZE
 
 KEK_SIZE = 32

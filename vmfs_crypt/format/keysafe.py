@@ -6,8 +6,8 @@ import re
 import secrets
 from dataclasses import dataclass, field
 
-from .errors import FormatError
-from .keywrap import WRAP_ALGORITHM, WRAPPED_DEK_SIZE, unwrap_dek, wrap_dek
+from ..errors import FormatError
+from ..crypto.keywrap import WRAP_ALGORITHM, WRAPPED_DEK_SIZE, unwrap_dek, wrap_dek
 from .strict import b64decode_canonical, check_members, check_version_features, exact_int, json_object
 
 FORMAT_VERSION = 1
@@ -65,6 +65,18 @@ class KeyRef:
 
     def __str__(self) -> str:
         return f"key {self.key_id} of provider {self.provider_id}"
+
+    # The one spelling of a KEK reference in JSON (folder key file, agent protocol, CLI output).
+    def to_json(self) -> dict:
+        return {"provider": self.provider_id, "keyId": self.key_id}
+
+    @classmethod
+    def from_json(cls, obj, what: str) -> "KeyRef":
+        if (not isinstance(obj, dict) or set(obj) != {"provider", "keyId"}
+                or not all(isinstance(v, str) and v for v in obj.values())):
+            raise FormatError(f"{what}: a KEK reference must be {{\"provider\": ..., \"keyId\": ...}} "
+                              "with non-empty strings")
+        return cls(obj["provider"], obj["keyId"])
 
 
 @dataclass(frozen=True)

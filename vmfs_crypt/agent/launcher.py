@@ -1,0 +1,91 @@
+"""Starting agents: the shared agent of a configuration (mounts, `agent start`) and a command's private sidecar.
+
+A CLI command that needs keys while no agent runs gets a private agent on its own socket,
+which exits with the command (it holds the command's pid): concurrent commands never race
+for one socket and never leave an agent behind (issue 7, case 13). The shared agent is
+started under an flock, so two mounts starting at once start one agent.
+"""
+
+import contextlib
+import fcntl
+import os
+import sys
+
+from ..config import Config
+from ..errors import AgentError
+from ..procs import raise_for, spawn_detached
+from ..runtime import ensure_runtime_dir
+from .client import AgentClient
+
+START_TIMEOUT_S = 20.0
+
+
+def _log_path(sock: str) -> str:
+    return (sock[:-len(".sock")] if sock.endswith(".sock") else sock) + ".log"
+
+
+def spawn_agent(config: Config, sock: str, sidecar: bool, hold_pid: int | None = None) -> int:
+    """Start a detached agent listening on `sock`; return its pid once it listens."""
+    if not config.agent.socket:
+        ensure_runtime_dir(os.path.dirname(sock))
+    cmd = [sys.executable, "-m", "vmfs_crypt.agent", "--config", config.path, "--socket", sock]
+    if sidecar:
+        cmd.append("--sidecar")
+    if hold_pid:
+        cmd += ["--hold-pid", str(hold_pid)]
+    log_path = _log_path(sock)
+    proc, line = spawn_detached(cmd, log_path, START_TIMEOUT_S)
+    if line == "ok":
+        return proc.pid
+    if not line:
+        proc.kill()
+        proc.wait()
+        raise AgentError(f"the key agent did not start within {START_TIMEOUT_S:.0f} s; see {log_path}")
+    proc.wait(timeout=10)
+    raise_for(line, AgentError, f"the key agent failed to start; see {log_path}")
+
+
+@contextlib.contextmanager
+def _start_lock(config: Config):
+    lock_path = config.agent_socket + ".lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def shared_agent(config: Config, sidecar: bool) -> tuple[str, bool]:
+    """(socket, started): the configuration's agent, started now (as a sidecar if asked) when none answers."""
+    if not config.agent.socket:
+        ensure_runtime_dir()
+    sock = config.agent_socket
+    if AgentClient(sock).alive():
+        return sock, False
+    with _start_lock(config):
+        if AgentClient(sock).alive():
+            return sock, False
+        if os.path.lexists(sock):
+            os.unlink(sock)  # a dead agent's socket (no agent answered it under the lock)
+        spawn_agent(config, sock, sidecar=sidecar)
+    return sock, True
+
+
+@contextlib.contextmanager
+def agent_session(config: Config):
+    """A client of the running agent, or of a private sidecar that lives as long as this command."""
+    client = AgentClient(config.agent_socket)
+    if client.alive():
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    sock = os.path.join(ensure_runtime_dir(), f"cmd-{os.getpid()}.sock")
+    spawn_agent(config, sock, sidecar=True, hold_pid=os.getpid())
+    private = AgentClient(sock)
+    try:
+        yield private
+    finally:
+        private.stop(force=True)

@@ -1,0 +1,54 @@
+"""The vmfs-crypt command line (click): user errors end in one line and a numbered exit code (errors.ExitCode)."""
+
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import ExitCode, VmfsCryptError
+from ..sysutil import disable_core_dumps
+from . import agent, disk, mount, provider
+from .common import Ctx
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vmfs-crypt")
+@click.option("--config", "config_path", envvar="VMFS_CRYPT_CONFIG", type=click.Path(dir_okay=False),
+              help="Configuration file (default: ~/.config/vmfs-crypt/config.toml, or $VMFS_CRYPT_CONFIG).")
+@click.pass_context
+def cli(ctx, config_path):
+    """Encrypt VM disks at rest, vSphere style, and show them in plaintext through a FUSE mount."""
+    disable_core_dumps()  # commands such as encrypt and cat hold DEKs in this process
+    ctx.obj = Ctx(config_path)
+
+
+for command in disk.COMMANDS + mount.COMMANDS + agent.COMMANDS:
+    cli.add_command(command)
+cli.add_command(provider.provider)
+
+
+def main(argv=None) -> int:
+    try:
+        cli.main(args=argv, prog_name="vmfs-crypt", standalone_mode=False)
+        return ExitCode.OK
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return ExitCode.INTERRUPTED
+    except click.ClickException as exc:
+        exc.show()
+        return ExitCode.USAGE
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except VmfsCryptError as exc:
+        click.echo(f"vmfs-crypt: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return ExitCode.INTERRUPTED
+    except OSError as exc:
+        click.echo(f"vmfs-crypt: {exc.filename}: {exc.strerror}" if exc.filename else f"vmfs-crypt: {exc}", err=True)
+        return ExitCode.OS_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The kernel's mount table as vmfs-crypt needs it: is a path a mount point, and which datastore serves a mount."""
+
+import os
+from dataclasses import dataclass
+
+FSNAME_PREFIX = "vmfs-crypt:"  # the mount's source is "vmfs-crypt:DATASTORE" (fsname=...)
+SUBTYPE = "vmfs-crypt"
+
+
+def _unescape(field: str) -> str:
+    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1:i + 4].isdigit() and len(field[i + 1:i + 4]) == 3:
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mountpoint: str
+    fstype: str
+    source: str
+
+    @property
+    def datastore(self) -> str | None:
+        """The backing datastore of a vmfs-crypt mount (None for any other filesystem)."""
+        if self.fstype.startswith("fuse") and self.source.startswith(FSNAME_PREFIX):
+            return self.source[len(FSNAME_PREFIX):]
+        return None
+
+
+def mounts() -> list[MountEntry]:
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            out.append(MountEntry(_unescape(fields[4]), fields[sep + 1], _unescape(fields[sep + 2])))
+    return out
+
+
+def is_mounted(mountpoint: str) -> bool:
+    target = os.path.realpath(mountpoint)
+    return any(m.mountpoint == target for m in mounts())
+
+
+def vmfs_mounts() -> list[MountEntry]:
+    return [m for m in mounts() if m.datastore is not None]
+
+
+def backing_path(path: str) -> str:
+    """The datastore path behind `path` when it lies inside a vmfs-crypt mount, else `path` itself."""
+    real = os.path.realpath(path)
+    best = None
+    for m in vmfs_mounts():
+        if real == m.mountpoint or real.startswith(m.mountpoint.rstrip("/") + "/"):
+            if best is None or len(m.mountpoint) > len(best.mountpoint):
+                best = m
+    if best is None:
+        return path
+    rel = os.path.relpath(real, best.mountpoint)
+    return os.path.normpath(os.path.join(best.datastore, rel))
+
+
+def mounts_of(datastore: str) -> list[MountEntry]:
+    ds = os.path.realpath(datastore)
+    return [m for m in vmfs_mounts() if m.datastore == ds]

@@ -1,0 +1,34 @@
+"""Internal entry point of the mount process (started by `vmfs-crypt mount`; not a user command)."""
+
+import argparse
+import logging
+import sys
+
+from ..config import load_config
+from ..errors import VmfsCryptError
+from ..procs import ReadyPipe
+from .serve import run_mount
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vmfs_crypt.fuse")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--agent")
+    parser.add_argument("-o", dest="options")
+    parser.add_argument("--allow-other", action="store_true")
+    parser.add_argument("--ready-fd", type=int)
+    parser.add_argument("datastore")
+    parser.add_argument("mountpoint")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s mount[%(process)d] %(levelname)s %(message)s")
+    try:
+        run_mount(load_config(args.config), args.datastore, args.mountpoint, args.agent, args.options,
+                  args.allow_other, ReadyPipe(args.ready_fd))
+    except VmfsCryptError as exc:
+        logging.getLogger("vmfs_crypt.mount").error("%s", exc)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The mount process: prepare the datastore (lock, recovery, agent, KEK prefetch), then run the FUSE loop."""
+
+import logging
+import os
+import sys
+import threading
+
+from ..agent.client import AgentClient
+from ..agent.launcher import shared_agent
+from ..config import Config
+from ..errors import MountError, UsageError, VmfsCryptError
+from ..format.inventory import datastore_key_refs, recover_datastore
+from ..format.keysafe import KeyRef
+from ..fs.core import VmfsCore
+from ..fs.dslock import DatastoreLock
+from ..fs.mounts import FSNAME_PREFIX, SUBTYPE, is_mounted
+from ..procs import ReadyPipe
+from ..sysutil import cap_malloc_arenas, disable_core_dumps
+
+log = logging.getLogger("vmfs_crypt.mount")
+PREFETCH_BUDGET_S = 10.0  # the mount waits at most this long for KEKs; the agent goes on fetching after it
+REVOKE_POLL_S = 2.0
+
+
+def parse_fuse_options(text: str | None, allow_other: bool) -> dict:
+    options: dict = {}
+    for item in filter(None, (text or "").split(",")):
+        key, _, value = item.partition("=")
+        options[key.strip()] = value if value else True
+    if "allow_other" in options:
+        allow_other = True
+    if allow_other:
+        options["allow_other"] = True
+        options.setdefault("default_permissions", True)  # with other users in, let the kernel check modes
+    return options
+
+
+def check_mount_args(datastore: str, mountpoint: str) -> None:
+    if not os.path.isdir(datastore):
+        raise UsageError(f"{datastore}: the datastore must be a directory")
+    if not os.path.isdir(mountpoint):
+        raise UsageError(f"{mountpoint}: the mount point must be an existing directory (mkdir -p {mountpoint})")
+    if is_mounted(mountpoint):
+        raise MountError(f"{mountpoint} is already a mount point; unmount it first")
+    if os.listdir(mountpoint):
+        raise UsageError(f"{mountpoint} is not empty; mount on an empty directory")
+    ds, mp = os.path.realpath(datastore), os.path.realpath(mountpoint)
+    if mp == ds or mp.startswith(ds + os.sep):
+        raise UsageError(f"{mountpoint} lies inside the datastore {datastore}; choose a mount point outside it")
+
+
+def prefetch_keys(datastore: str, agent: AgentClient) -> None:
+    """Have the agent fetch every KEK once now; a KEK it cannot get locks its disks, never the mount."""
+    try:
+        refs = datastore_key_refs(datastore)
+        if not refs:
+            return
+        resp = agent.request("prefetch", keys=refs, budget_s=PREFETCH_BUDGET_S)
+        log.info("prefetched %d of %d key(s)%s", resp["fetched"], resp["keys"],
+                 " (still fetching)" if resp["pending"] else "")
+        for entry in resp["locked"]:
+            log.warning("LOCKED %s: %s", ", ".join(entry["disks"]), entry["error"])
+    except (VmfsCryptError, OSError) as exc:  # a failed prefetch only means keys are fetched on open
+        log.warning("prefetching keys failed (%s); disks fetch their keys when opened", exc)
+
+
+def watch_revocations(core: VmfsCore, agent: AgentClient, stop: threading.Event) -> None:
+    """Every REVOKE_POLL_S, learn from the agent which KEKs were revoked under on_revoke = "lock"."""
+    while not stop.wait(REVOKE_POLL_S):
+        try:
+            locked = agent.locked()
+        except (VmfsCryptError, OSError):
+            continue
+        revoked = {KeyRef(str(e["provider"]), str(e["keyId"])) for e in locked if e.get("lock_open")}
+        new = core.set_revoked(revoked)
+        if new:
+            log.warning("revoked, disks under them locked now: %s", ", ".join(map(str, new)))
+
+
+def serve_fuse(core: VmfsCore, mountpoint: str, fuse_options: dict, on_ready) -> None:
+    """Run the FUSE loop in this process until unmounted (multithreaded, foreground)."""
+    import mfusepy  # the FUSE library loads only in the mount process
+
+    from .adapter import FuseOperations
+    ops = FuseOperations(core, on_init=on_ready)
+    # glibc gives each thread that mallocs its own arena; libfuse's worker threads would each
+    # keep the freed buffers of large requests in theirs. Two arenas bound the peak RSS.
+    cap_malloc_arenas(2)
+    options = {"fsname": FSNAME_PREFIX + core.root, "subtype": SUBTYPE}
+    if mfusepy.fuse_version_major == 2:
+        # Without big_writes libfuse 2 splits buffered writes into 4 KiB requests: qemu-img
+        # convert into the mount ran at 46 MiB/s, with it at 213 MiB/s (docs/PERFORMANCE.md).
+        options["big_writes"] = True
+    options.update(fuse_options)
+    mfusepy.FUSE(ops, mountpoint, foreground=True, nothreads=False, **options)
+
+
+def run_mount(config: Config, datastore: str, mountpoint: str, agent_socket: str | None, options_text: str | None,
+              allow_other: bool, ready: ReadyPipe) -> None:
+    """Serve the mount in this process (the detached child of `vmfs-crypt mount`, or --foreground)."""
+    lock = DatastoreLock(os.path.realpath(datastore) if os.path.isdir(datastore) else datastore)
+    stop = threading.Event()
+    try:
+        disable_core_dumps()
+        check_mount_args(datastore, mountpoint)
+        lock.acquire(mountpoint)
+        for note in recover_datastore(datastore):
+            log.info("%s", note)
+        if agent_socket:
+            agent = AgentClient(agent_socket)
+            if not agent.alive():
+                raise MountError(f"no key agent answers on {agent_socket} (given by --agent)")
+        else:
+            sock, _ = shared_agent(config, sidecar=True)
+            agent = AgentClient(sock)
+        # A sidecar agent stops when its last holder (mount) exits; a named agent is not stopped by us.
+        agent.hold(f"mount of {os.path.realpath(datastore)} at {os.path.realpath(mountpoint)}")
+        prefetch_keys(datastore, agent)
+        core = VmfsCore(datastore, agent)
+        options = parse_fuse_options(options_text, allow_other)
+    except Exception as exc:
+        lock.release()
+        ready.error(exc, MountError)
+        raise
+    threading.Thread(target=watch_revocations, args=(core, agent, stop), daemon=True, name="revocations").start()
+    try:
+        serve_fuse(core, mountpoint, options, ready.ok)
+    except Exception as exc:
+        err = MountError(f"{mountpoint}: FUSE mount failed ({exc})")
+        ready.error(err)
+        raise err from None
+    finally:
+        stop.set()
+        ready.error(MountError("the FUSE loop ended before the mount came up"))
+        core.close()
+        lock.release()
+        print(f"unmounted {mountpoint}", file=sys.stderr)

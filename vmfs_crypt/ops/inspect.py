@@ -1,0 +1,69 @@
+"""`info`: like vSphere's crypto-util, what a file, folder or datastore is and how each file is stored.
+
+A path inside a running mount is answered for the datastore behind it (issue 7, case 11).
+Field names are stable (README, "Output for scripts").
+"""
+
+import os
+
+from ..crypto.sectors import SECTOR_SIZE
+from ..errors import UsageError, VmfsCryptError
+from ..format.descriptor import read_descriptor
+from ..format.folder import FolderState, VmFolder
+from ..format.inventory import folder_files, walk_folders
+from ..format.keysafe import CIPHER_NAME
+from ..fs.mounts import backing_path
+
+
+def folder_info(folder: VmFolder) -> dict:
+    state = folder.state()
+    result = {"folder": folder.backing_dir, "state": state.value, "encrypted": state is FolderState.ENCRYPTED,
+              "damage": folder.damage() if state is FolderState.DAMAGED else None,
+              "cipher": CIPHER_NAME if state is not FolderState.PLAIN else None,
+              "sector_size": SECTOR_SIZE, "kek": None, "files": []}
+    try:
+        if state is FolderState.ENCRYPTED:
+            result["kek"] = folder.load_keys().kek.to_json()
+        result["files"] = [f.as_json() for f in folder_files(folder)]
+    except VmfsCryptError as exc:
+        result["state"], result["encrypted"], result["damage"] = FolderState.DAMAGED.value, False, str(exc)
+    return result
+
+
+def info(path: str) -> dict:
+    """What `vmfs-crypt info PATH` says, as a dict."""
+    shown = os.path.abspath(path)
+    real = os.path.abspath(backing_path(shown))
+    if os.path.isdir(real) and not os.path.islink(real):
+        folder, only = VmFolder(real), None
+    elif os.path.lexists(real):
+        folder, only = VmFolder(os.path.dirname(real)), os.path.basename(real)
+    else:
+        raise UsageError(f"{path}: no such file or folder")
+    result = {"path": shown, "backing_path": real}
+    result.update(folder_info(folder))
+    if only is not None:
+        wanted = {only}
+        desc = read_descriptor(real) if only.lower().endswith(".vmdk") else None
+        if desc is not None:
+            wanted |= {e.file_name for e in desc.extents}
+            try:
+                record = desc.key_record()
+                result["disk"] = {"descriptor": only, "extents": [e.file_name for e in desc.extents],
+                                  "kek": record.keysafe.kek.to_json() if record else None}
+            except VmfsCryptError as exc:
+                result["disk"] = {"descriptor": only, "extents": [e.file_name for e in desc.extents],
+                                  "kek": None, "error": str(exc)}
+        result["files"] = [f for f in result["files"] if f["name"] in wanted]
+    elif _is_datastore_root(folder):
+        result["folders"] = [folder_info(f) for f in walk_folders(folder.backing_dir)
+                             if f.backing_dir != folder.backing_dir]
+    return result
+
+
+def _is_datastore_root(folder: VmFolder) -> bool:
+    """A folder that holds VM folders: summarised folder by folder (issue 9)."""
+    try:
+        return any(e.is_dir(follow_symlinks=False) for e in os.scandir(folder.backing_dir))
+    except OSError:
+        return False

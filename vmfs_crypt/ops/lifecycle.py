@@ -1,0 +1,250 @@
+"""Offline disk operations: create, encrypt, decrypt, rekey and cat, each one folder transaction (crash-safe)."""
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..agent.protocol import KeyAccess
+from ..crypto.sectors import SECTOR_SIZE
+from ..crypto.xts import SectorCipher
+from ..errors import DataError, UsageError
+from ..format.atomicio import NotRegularFile, open_regular, write_atomic
+from ..format.descriptor import flat_descriptor, format_encryption_lines, insert_encryption_lines, read_descriptor
+from ..format.folder import FOLDER_KEYS_NAME, FolderKeys, FolderState, VmFolder, check_extent_length
+from ..format.holes import decrypt_sectors
+from ..format.inventory import FileInfo, folder_files
+from ..format.keysafe import KeyRecord, KeyRef
+from ..format.kinds import FileKind, classify, classify_name
+from .copy import chunks, transform_file
+from .transaction import FolderTransaction
+
+ProgressFactory = Callable[[int, str], object]  # (total, label) -> context manager with .update(n)
+
+
+@dataclass
+class CreateResult:
+    descriptor: str
+    extent: str
+    size: int
+    kek: KeyRef
+
+
+@dataclass
+class FolderResult:
+    """What an encrypt, decrypt or rekey did to a folder."""
+
+    folder: str
+    files: list[str] = field(default_factory=list)
+    note: str | None = None
+    old_kek: KeyRef | None = None
+    new_kek: KeyRef | None = None
+    deep: bool = False
+
+
+def target_folder(path: str) -> VmFolder:
+    path = os.path.abspath(path)
+    if os.path.isdir(path) and not os.path.islink(path):
+        return VmFolder(path)
+    if os.path.isfile(path) and not os.path.islink(path):
+        return VmFolder(os.path.dirname(path))
+    raise UsageError(f"{path}: no such disk or VM folder (symbolic links are not followed)")
+
+
+def _check_usable(folder: VmFolder) -> None:
+    if folder.state() is FolderState.DAMAGED:
+        raise DataError(folder.damage())
+
+
+def _folder_keys(folder: VmFolder, keys: KeyAccess, provider: str | None) -> FolderKeys:
+    if folder.encrypted:
+        current = folder.load_keys()
+        if provider and provider != current.kek.provider_id:
+            raise UsageError(f"{folder.backing_dir} is encrypted under provider {current.kek.provider_id}; "
+                             f"all its files use that provider's key (shallow rekey moves a folder)")
+        return current
+    return FolderKeys(keys.new_kek(provider, os.path.basename(folder.backing_dir)))
+
+
+def _missing(folder: VmFolder, infos: list[FileInfo]) -> None:
+    missing = [f.name for f in infos if f.missing_key]
+    if missing:
+        raise DataError(f"{folder.backing_dir}: no key for {', '.join(missing)}; nothing was changed")
+
+
+def create_disk(vmdk_path: str, size: int, keys: KeyAccess, provider: str | None = None) -> CreateResult:
+    """A new thin encrypted disk: descriptor (with its key lines) plus a sparse flat extent."""
+    vmdk_path = os.path.abspath(vmdk_path)
+    if not vmdk_path.endswith(".vmdk"):
+        raise UsageError(f"{vmdk_path}: a disk descriptor's name ends in .vmdk")
+    folder = VmFolder(os.path.dirname(vmdk_path))
+    if not os.path.isdir(folder.backing_dir):
+        raise UsageError(f"{folder.backing_dir}: no such folder; create the VM folder first")
+    with FolderTransaction(folder) as tx:
+        _check_usable(folder)
+        extent_name = os.path.basename(vmdk_path)[:-len(".vmdk")] + "-flat.vmdk"
+        for p in (vmdk_path, tx.path(extent_name)):
+            if os.path.lexists(p):
+                raise UsageError(f"{p} already exists; choose another name")
+        if not folder.encrypted:
+            plain = [f.name for f in folder_files(folder)
+                     if f.kind is FileKind.PLAIN and _would_be_encrypted(f.name)]
+            if plain:
+                raise UsageError(f"{folder.backing_dir} holds unencrypted files ({', '.join(plain[:3])}); "
+                                 f"run 'vmfs-crypt encrypt {folder.backing_dir}' first")
+        folder_keys = _folder_keys(folder, keys, provider)
+        record, dek = keys.new_file_key(folder_keys.kek)
+        del dek
+        fd = os.open(tx.stage(extent_name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.ftruncate(fd, size)  # thin: all holes, which read as zeros
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        desc = insert_encryption_lines(flat_descriptor(extent_name, size // SECTOR_SIZE, secrets.token_hex(4)),
+                                       format_encryption_lines(record))
+        write_atomic(tx.stage(os.path.basename(vmdk_path)), desc, 0o600)
+        tx.commit(folder_keys)
+    return CreateResult(vmdk_path, extent_name, size, record.keysafe.kek)
+
+
+def _would_be_encrypted(name: str) -> bool:
+    """Would a plain folder's file of this name be encrypted if the folder were encrypted?"""
+    return classify_name(FolderState.ENCRYPTED, name) is FileKind.ENCRYPTED
+
+
+def encrypt_folder(path: str, keys: KeyAccess, provider: str | None, progress: ProgressFactory) -> FolderResult:
+    """Encrypt every plaintext file of a VM folder that should be encrypted (a folder is encrypted as a whole)."""
+    folder = target_folder(path)
+    with FolderTransaction(folder) as tx:
+        _check_usable(folder)
+        folder_keys = _folder_keys(folder, keys, provider)
+        infos = folder_files(folder)
+        if folder.encrypted:
+            todo = [f for f in infos if f.missing_key]
+        else:
+            todo = [f for f in infos if f.kind is FileKind.PLAIN and _would_be_encrypted(f.name)]
+        if not todo:
+            if folder.encrypted:
+                return FolderResult(folder.backing_dir, note="already encrypted")
+            # A folder with nothing to encrypt yet (only logs/descriptors) becomes encrypted for new files.
+            tx.commit(folder_keys)
+            return FolderResult(folder.backing_dir, new_kek=folder_keys.kek)
+        owners = folder.extent_owners()
+        new_keys = FolderKeys(folder_keys.kek, dict(folder_keys.files))
+        desc_records: dict[str, KeyRecord] = {}
+        with progress(sum(f.size for f in todo), "encrypting") as bar:
+            for f in todo:
+                record, dek = keys.new_file_key(folder_keys.kek)
+                transform_file(tx.path(f.name), tx.stage(f.name), None, SectorCipher(dek), bar.update)
+                del dek
+                owner = owners.get(f.name)
+                desc = read_descriptor(tx.path(owner)) if owner else None
+                if desc is not None and len(desc.extents) == 1 and owner not in desc_records:
+                    desc_records[owner] = record  # a single-extent disk keeps its key in its descriptor
+                else:
+                    new_keys.files[f.name] = record
+        for name, record in desc_records.items():
+            tx.stage_descriptor(name, record)
+        tx.commit(new_keys)
+    return FolderResult(folder.backing_dir, [f.name for f in todo], new_kek=folder_keys.kek)
+
+
+def _cipher(folder: VmFolder, keys: KeyAccess, name: str) -> SectorCipher:
+    record = folder.key_record_for(name)
+    if record is None:
+        raise DataError(f"{os.path.join(folder.backing_dir, name)}: no key in its descriptor or {FOLDER_KEYS_NAME}")
+    return SectorCipher(keys.unwrap(record, os.path.join(folder.backing_dir, name)))
+
+
+def decrypt_folder(path: str, keys: KeyAccess, progress: ProgressFactory) -> FolderResult:
+    """Decrypt every encrypted file of a VM folder and make it a plain folder again."""
+    folder = target_folder(path)
+    with FolderTransaction(folder) as tx:
+        _check_usable(folder)
+        if not folder.encrypted:
+            raise UsageError(f"{folder.backing_dir} is not encrypted")
+        infos = folder_files(folder)
+        _missing(folder, infos)
+        todo = [f for f in infos if f.kind is FileKind.ENCRYPTED]
+        with progress(sum(f.size for f in todo), "decrypting") as bar:
+            for f in todo:
+                transform_file(tx.path(f.name), tx.stage(f.name), _cipher(folder, keys, f.name), None, bar.update)
+        for desc in folder.descriptors():
+            if desc.has_encryption_lines:
+                tx.stage_descriptor(os.path.basename(desc.path), None)
+        tx.commit(None)
+    return FolderResult(folder.backing_dir, [f.name for f in todo])
+
+
+def rekey_folder(path: str, keys: KeyAccess, provider: str | None, deep: bool, progress: ProgressFactory) -> FolderResult:
+    """Shallow rekey (a new KEK wraps the same DEKs) or deep rekey (new DEKs, data re-encrypted) of a VM folder."""
+    folder = target_folder(path)
+    with FolderTransaction(folder) as tx:
+        _check_usable(folder)
+        if not folder.encrypted:
+            raise UsageError(f"{folder.backing_dir} is not encrypted; use 'vmfs-crypt encrypt'")
+        old_keys = folder.load_keys()
+        infos = folder_files(folder)
+        _missing(folder, infos)
+        new_kek = keys.new_kek(provider or old_keys.kek.provider_id, os.path.basename(folder.backing_dir))
+        new_keys = FolderKeys(new_kek)
+        desc_records: dict[str, KeyRecord] = {}
+        todo = [f for f in infos if f.kind is FileKind.ENCRYPTED]
+        total = sum(f.size for f in todo) if deep else len(todo)
+        with progress(total, "deep rekey" if deep else "rekey") as bar:
+            for f in todo:
+                what = tx.path(f.name)
+                found = folder.descriptor_record_for(f.name)
+                record = found[1] if found else old_keys.files[f.name]
+                if deep:
+                    new_record, dek = keys.new_file_key(new_kek)
+                    transform_file(what, tx.stage(f.name), SectorCipher(keys.unwrap(record, what)),
+                                   SectorCipher(dek), bar.update)
+                    del dek
+                else:
+                    new_record = keys.rewrap(record, new_kek, what)
+                    bar.update(1)
+                if found:
+                    desc_records[found[0]] = new_record
+                else:
+                    new_keys.files[f.name] = new_record
+        for name, record in desc_records.items():
+            tx.stage_descriptor(name, record)
+        tx.commit(new_keys)
+    return FolderResult(folder.backing_dir, [f.name for f in todo], old_kek=old_keys.kek, new_kek=new_kek, deep=deep)
+
+
+def cat_file(path: str, keys: KeyAccess, write: Callable[[bytes], None]) -> None:
+    """Write the plaintext of one file of a datastore (encrypted or not) to `write`."""
+    path = os.path.abspath(path)
+    folder = VmFolder(os.path.dirname(path))
+    name = os.path.basename(path)
+    try:
+        fd = open_regular(path)
+    except NotRegularFile:
+        raise UsageError(f"{path}: not a regular file (symbolic links are not followed)") from None
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    try:
+        state = folder.state()
+        kind = classify(folder, name, os.fstat(fd), state)
+        if kind is FileKind.ENCRYPTED and state is FolderState.DAMAGED:
+            raise DataError(folder.damage())
+        if kind is not FileKind.ENCRYPTED:
+            desc = read_descriptor(path) if name.lower().endswith(".vmdk") else None
+            if desc is not None:
+                write(desc.view)
+                return
+            for _, data in chunks(fd, os.fstat(fd).st_size):
+                write(data)
+            return
+        size = os.fstat(fd).st_size
+        found = folder.descriptor_record_for(name)
+        if found:
+            check_extent_length(path, size, found[0], found[2])
+        cipher = _cipher(folder, keys, name)
+        for off, data in chunks(fd, size):
+            write(decrypt_sectors(cipher, off // SECTOR_SIZE, data))
+    finally:
+        os.close(fd)

@@ -1,0 +1,51 @@
+"""Linux system calls the standard library lacks (fallocate, mallopt, prctl, peer credentials) and process hardening."""
+
+import ctypes
+import ctypes.util
+import os
+import resource
+import socket
+import struct
+from dataclasses import dataclass
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+PR_SET_DUMPABLE = 4
+PR_GET_DUMPABLE = 3
+M_ARENA_MAX = -8  # mallopt parameter, <malloc.h>
+
+
+def libc_fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def cap_malloc_arenas(count: int) -> None:
+    """glibc gives each thread that mallocs its own arena; cap them (bounds a multithreaded daemon's RSS)."""
+    _libc.mallopt(M_ARENA_MAX, count)
+
+
+def disable_core_dumps() -> None:
+    """No core dumps and not dumpable (no ptrace by same-uid peers): for processes that hold keys."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+
+
+def is_dumpable() -> bool:
+    return _libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 1
+
+
+@dataclass(frozen=True)
+class PeerCred:
+    """Who is at the other end of a Unix socket, as the kernel says (SO_PEERCRED), not as the peer claims."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket) -> PeerCred:
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return PeerCred(pid, uid, gid)
