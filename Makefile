@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse2 qemu-utils qemu-system-x86 fio botan nasm gocryptfs
 STAMP := $(VENV)/.installed
 
-.PHONY: deps test demo bench kms clean
+.PHONY: deps test test-unit demo bench kms clean
 
 deps: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): setup.cfg pyproject.toml
 
 test: deps
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The FUSE-free tiers (no mount, no CLI processes, no QEMU, no key server): seconds.
+test-unit: deps
+	$(PY) -m pytest -q -p no:cacheprovider -m "not cli and not fuse and not qemu and not kmip" tests
 
 demo: deps
 	bash scripts/demo.sh

@@ -7,7 +7,9 @@ import subprocess
 
 import pytest
 
-from conftest import mounted, sha256_file, tree_hashes
+from support import mounted, sha256_file, tree_hashes
+
+pytestmark = [pytest.mark.cli, pytest.mark.fuse, pytest.mark.qemu]
 
 PATTERN = b"\x5a\xc3\x96\x3c" * 128
 

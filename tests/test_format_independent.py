@@ -14,7 +14,7 @@ import os
 import re
 
 import pytest
-from conftest import mounted
+from support import mounted
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -281,6 +281,9 @@ def _expected_flat() -> bytes:
     return bytes(buf)
 
 
+@pytest.mark.cli
+@pytest.mark.fuse
+@pytest.mark.qemu
 def test_decrypt_a_disk_encrypted_by_the_cli(venv_env):
     env = venv_env
     vm = os.path.join(env.datastore, "vm1")
@@ -369,6 +372,9 @@ def test_decrypt_the_golden_datastore(tmp_path):
             assert where == want["key_in"], rel
 
 
+@pytest.mark.cli
+@pytest.mark.fuse
+@pytest.mark.qemu
 def test_decrypt_a_disk_written_through_the_mount(venv_env):
     """Sectors written by the FUSE write path (read-modify-write, partial sectors) decrypt by the document."""
     env = venv_env

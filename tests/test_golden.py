@@ -8,18 +8,16 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 
 import pytest
+
+from support import VmfsEnv
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, "golden")
 REPO = os.path.dirname(HERE)
 FORMAT_MD = os.path.join(REPO, "docs", "FORMAT.md")
-CLI = [sys.executable, "-m", "vmfs_crypt.cli"]
 
 
 def _manifest() -> dict:
@@ -30,27 +28,13 @@ def _manifest() -> dict:
 MANIFEST = _manifest()
 
 
-class Golden:
-    """A private copy of tests/golden/ with its own config and runtime dir."""
+class Golden(VmfsEnv):
+    """A private copy of tests/golden/ whose `cat` results are kept for the module."""
 
     def __init__(self, base: str) -> None:
-        self.base = base
-        for name in ("config", "ds"):
-            shutil.copytree(os.path.join(GOLDEN, name), os.path.join(base, name))
-        # git keeps no file modes: the native key file must be private again, or the provider refuses it.
-        os.chmod(os.path.join(base, "config", "native-golden.key"), 0o600)
-        self.ds = os.path.join(base, "ds")
-        self.runtime = tempfile.mkdtemp(prefix="vcrt-", dir="/tmp")  # AF_UNIX paths are short
-        self.env = dict(os.environ, VMFS_CRYPT_CONFIG=os.path.join(base, "config", "config.toml"),
-                        XDG_RUNTIME_DIR=self.runtime, PYTHONPATH=REPO)
+        env = VmfsEnv.golden(base)
+        self.__dict__.update(env.__dict__)
         self._cats: dict[str, bytes] = {}
-
-    def run(self, *args, check=True) -> subprocess.CompletedProcess:
-        proc = subprocess.run(CLI + [str(a) for a in args], env=self.env, capture_output=True, timeout=120)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"vmfs-crypt {' '.join(map(str, args))} exited {proc.returncode}:\n"
-                                 f"{proc.stderr.decode(errors='replace')}")
-        return proc
 
     def cat(self, rel: str) -> bytes:
         """`vmfs-crypt cat` of a file of the copy (each file once per module)."""
@@ -58,17 +42,13 @@ class Golden:
             self._cats[rel] = self.run("cat", os.path.join(self.ds, rel)).stdout
         return self._cats[rel]
 
-    def close(self) -> None:
-        self.run("agent", "stop", check=False)
-        shutil.rmtree(self.runtime, ignore_errors=True)
-
 
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory):
     g = Golden(str(tmp_path_factory.mktemp("golden")))
     g.run("agent", "start")  # one agent for all the cats below
     yield g
-    g.close()
+    g.cleanup()
 
 
 # -- the known plaintexts, restated here independently of make_golden.py --------------------
@@ -87,6 +67,7 @@ def test_fixture_is_complete_and_small():
 
 
 @pytest.mark.parametrize("rel", sorted(MANIFEST["files"]))
+@pytest.mark.cli
 def test_cat_gives_the_known_plaintext(golden, rel):
     want = MANIFEST["files"][rel]
     out = golden.cat(rel)
@@ -99,6 +80,7 @@ def test_cat_gives_the_known_plaintext(golden, rel):
         assert len(backing) == len(out), "the format has no header: sizes are equal"
 
 
+@pytest.mark.cli
 def test_plaintexts_match_their_rules(golden):
     cat = golden.cat
     assert cat("vm1/disk-flat.vmdk") == expected_flat()
@@ -127,6 +109,7 @@ def test_holes_stay_holes():
         assert (sector == bytes(512)) == (40 <= s < 48), s
 
 
+@pytest.mark.cli
 def test_info_reports_the_keys(golden):
     """`info --json`: one spelling of a KEK reference ({"provider", "keyId"}) wherever it appears."""
     want_kek = {"provider": MANIFEST["folder_kek"]["provider"], "keyId": MANIFEST["folder_kek"]["key_id"]}
@@ -159,6 +142,7 @@ def test_info_reports_the_keys(golden):
     assert {f["name"]: f["role"] for f in plain["files"]} == {"data.bin": "plaintext", "notes.txt": "plaintext"}
 
 
+@pytest.mark.cli
 def test_key_file_mode_is_enforced(tmp_path):
     """As committed (git keeps no modes) the key file may be world-readable: the provider must refuse it."""
     g = Golden(str(tmp_path))
@@ -168,7 +152,7 @@ def test_key_file_mode_is_enforced(tmp_path):
         assert proc.returncode != 0
         assert b"chmod 600" in proc.stderr
     finally:
-        g.close()
+        g.cleanup()
 
 
 def test_library_reproduces_format_md_vectors():

@@ -10,11 +10,12 @@ import time
 
 import pytest
 
-from conftest import VmfsEnv, mounted
-from kmip_server import HungListener, KmipCluster, add_kmip_provider, edit_config, key_id_of, wait_until
+from support import VmfsEnv, mounted
+from support.kmip import HungListener, KmipCluster, add_kmip_provider, edit_config, key_id_of, wait_until
 from kmip_tls import CertificateAuthority
 
 pytestmark = [
+    pytest.mark.cli, pytest.mark.fuse, pytest.mark.kmip,
     pytest.mark.filterwarnings("ignore::DeprecationWarning:kmip"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning:sqlalchemy"),
     pytest.mark.filterwarnings("ignore:.*(TripleDES|Camellia|ARC4|CFB|OFB|cache_ok|MovedIn20|PROTOCOL_TLS).*"),

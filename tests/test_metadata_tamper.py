@@ -21,10 +21,10 @@ import base64
 import hashlib
 import json
 import os
-import shutil
 
 import pytest
 
+from support import VmfsEnv
 from vmfs_crypt.agent.broker import InProcessKeys
 from vmfs_crypt.format.journal import recover
 from vmfs_crypt.ops.lifecycle import cat_file
@@ -47,11 +47,9 @@ class Store:
     """A private copy of the golden datastore and the right keys for it."""
 
     def __init__(self, base: str) -> None:
-        for name in ("config", "ds"):
-            shutil.copytree(os.path.join(GOLDEN, name), os.path.join(base, name))
+        env = VmfsEnv.golden(base)  # the files only: everything below runs in-process
         self.key_file = os.path.join(base, "config", "native-golden.key")
-        os.chmod(self.key_file, 0o600)
-        self.config = load_config(os.path.join(base, "config", "config.toml"))
+        self.config = load_config(env.config)
         self.vm = os.path.join(base, "ds", "vm1")
         self.folder = VmFolder(self.vm)
         with open(os.path.join(GOLDEN, "manifest.json")) as f:

@@ -9,7 +9,9 @@ import threading
 
 import pytest
 
-from conftest import mounted, tree_hashes
+from support import mounted, tree_hashes
+
+pytestmark = [pytest.mark.cli, pytest.mark.fuse, pytest.mark.qemu]
 
 SECTOR = 512
 

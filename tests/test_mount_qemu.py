@@ -4,7 +4,9 @@ import os
 
 import pytest
 
-from conftest import mounted
+from support import mounted
+
+pytestmark = [pytest.mark.cli, pytest.mark.fuse, pytest.mark.qemu]
 
 PATTERN = bytes([0x5A, 0xC3, 0x96, 0x3C]) * 16  # 64 bytes that will not occur by chance
 SUBFORMATS = ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat", "streamOptimized"]

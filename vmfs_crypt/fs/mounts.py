@@ -3,6 +3,8 @@
 import os
 from dataclasses import dataclass
 
+from ..errors import MountError, UsageError
+
 FSNAME_PREFIX = "vmfs-crypt:"  # the mount's source is "vmfs-crypt:DATASTORE" (fsname=...)
 SUBTYPE = "vmfs-crypt"
 
@@ -70,3 +72,17 @@ def backing_path(path: str) -> str:
 def mounts_of(datastore: str) -> list[MountEntry]:
     ds = os.path.realpath(datastore)
     return [m for m in vmfs_mounts() if m.datastore == ds]
+
+
+def check_mount_args(datastore: str, mountpoint: str) -> None:
+    if not os.path.isdir(datastore):
+        raise UsageError(f"{datastore}: the datastore must be a directory")
+    if not os.path.isdir(mountpoint):
+        raise UsageError(f"{mountpoint}: the mount point must be an existing directory (mkdir -p {mountpoint})")
+    if is_mounted(mountpoint):
+        raise MountError(f"{mountpoint} is already a mount point; unmount it first")
+    if os.listdir(mountpoint):
+        raise UsageError(f"{mountpoint} is not empty; mount on an empty directory")
+    ds, mp = os.path.realpath(datastore), os.path.realpath(mountpoint)
+    if mp == ds or mp.startswith(ds + os.sep):
+        raise UsageError(f"{mountpoint} lies inside the datastore {datastore}; choose a mount point outside it")

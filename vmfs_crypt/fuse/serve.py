@@ -8,12 +8,12 @@ import threading
 from ..agent.client import AgentClient
 from ..agent.launcher import shared_agent
 from ..config import Config
-from ..errors import MountError, UsageError, VmfsCryptError
+from ..errors import MountError, VmfsCryptError
 from ..format.inventory import datastore_key_refs, recover_datastore
 from ..format.keysafe import KeyRef
 from ..fs.core import VmfsCore
 from ..fs.dslock import DatastoreLock
-from ..fs.mounts import FSNAME_PREFIX, SUBTYPE, is_mounted
+from ..fs.mounts import FSNAME_PREFIX, SUBTYPE, check_mount_args
 from ..procs import ReadyPipe
 from ..sysutil import cap_malloc_arenas, disable_core_dumps
 
@@ -33,20 +33,6 @@ def parse_fuse_options(text: str | None, allow_other: bool) -> dict:
         options["allow_other"] = True
         options.setdefault("default_permissions", True)  # with other users in, let the kernel check modes
     return options
-
-
-def check_mount_args(datastore: str, mountpoint: str) -> None:
-    if not os.path.isdir(datastore):
-        raise UsageError(f"{datastore}: the datastore must be a directory")
-    if not os.path.isdir(mountpoint):
-        raise UsageError(f"{mountpoint}: the mount point must be an existing directory (mkdir -p {mountpoint})")
-    if is_mounted(mountpoint):
-        raise MountError(f"{mountpoint} is already a mount point; unmount it first")
-    if os.listdir(mountpoint):
-        raise UsageError(f"{mountpoint} is not empty; mount on an empty directory")
-    ds, mp = os.path.realpath(datastore), os.path.realpath(mountpoint)
-    if mp == ds or mp.startswith(ds + os.sep):
-        raise UsageError(f"{mountpoint} lies inside the datastore {datastore}; choose a mount point outside it")
 
 
 def prefetch_keys(datastore: str, agent: AgentClient) -> None:

@@ -10,7 +10,7 @@ import sys
 from ..config import Config
 from ..errors import MountError
 from ..fs.dslock import lock_info
-from ..fs.mounts import is_mounted, vmfs_mounts
+from ..fs.mounts import check_mount_args, is_mounted, vmfs_mounts
 from ..procs import raise_for, spawn_detached
 from ..runtime import ensure_runtime_dir
 
@@ -29,7 +29,6 @@ def log_file(mountpoint: str) -> str:
 def mount_background(config: Config, datastore: str, mountpoint: str, agent_socket: str | None,
                      options_text: str | None, allow_other: bool) -> str:
     """Start the mount process detached and return once the mount is up (or fail with its message)."""
-    from ..fuse.serve import check_mount_args
     check_mount_args(datastore, mountpoint)
     log_path = log_file(mountpoint)
     cmd = [sys.executable, "-m", "vmfs_crypt.fuse", "--config", config.path, datastore, mountpoint]
