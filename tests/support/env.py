@@ -73,8 +73,9 @@ class VmfsEnv:
         return self.datastore
 
     def run(self, *args, input=None, check=True, timeout=300, env=None) -> subprocess.CompletedProcess:
+        # cwd: not the repository, so that PYTHONPATH (the CLI under test) decides which vmfs_crypt runs
         proc = subprocess.run(CLI + [str(a) for a in args], env=env or self.env, input=input, capture_output=True,
-                              timeout=timeout)
+                              timeout=timeout, cwd=self.base)
         if check and proc.returncode != 0:
             raise AssertionError(f"vmfs-crypt {' '.join(map(str, args))} exited {proc.returncode}:\n"
                                  f"{proc.stderr.decode(errors='replace')}")
