@@ -1,0 +1,1 @@
+"""Cryptographic primitives: sector arithmetic, the XTS sector cipher and key wrapping."""
