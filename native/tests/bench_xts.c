@@ -1,6 +1,10 @@
 /* bench_xts: the sector cipher vs one OpenSSL XTS data unit per call, in C (no Python, no
- * GIL), 1 and 2 threads, 4 KiB and 64 KiB calls. Best of REPEAT bursts of BURST_MS each.
- * Output: one line per case, "<what> <bytes> <threads> <MB/s>" (MB = 10^6 bytes). */
+ * GIL), 1 and 2 threads, 4 KiB and 64 KiB calls.
+ * Output, one line per case (MB = 10^6 bytes):
+ *   "<what> <bytes> <threads> <MB/s>"         best of REPEAT bursts of BURST_MS, all threads
+ *   "minlat <what> <bytes> <threads> <MB/s>"  from the fastest single call of each thread
+ *     (per thread; with 2 threads both run at once): preemption by other tenants can only
+ *     make a call slower, so on a shared machine this is the stable figure. */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <stdio.h>
@@ -28,6 +32,13 @@ static double now(void)
     return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
 }
 
+static int minlat; /* 1: report the fastest call instead of the burst throughput */
+
+static double ns_now(void)
+{
+    return now() * 1e9;
+}
+
 static void *work(void *arg)
 {
     double *out = arg;
@@ -41,12 +52,20 @@ static void *work(void *arg)
     pthread_barrier_wait(&barrier);
     const double t0 = now(), end = t0 + BURST_MS / 1000.0;
     size_t n = 0;
+    double fastest = 1e30;
     while (now() < end)
-        for (int i = 0; i < 16; i++, n++)
+        for (int i = 0; i < 16; i++, n++) {
+            const double c0 = minlat ? ns_now() : 0;
             if (mode ? EVP_EncryptUpdate(c, buf, &outl, buf, (int)size) != 1
                      : vc_xts_encrypt(key, 4242, buf, buf, size) != 0)
                 abort();
-    *out = (double)n * (double)size / (now() - t0) / 1e6;
+            if (minlat) {
+                const double dt = ns_now() - c0;
+                if (dt < fastest)
+                    fastest = dt;
+            }
+        }
+    *out = minlat ? (double)size / fastest * 1e3 : (double)n * (double)size / (now() - t0) / 1e6;
     EVP_CIPHER_CTX_free(c);
     free(buf);
     return NULL;
@@ -59,6 +78,7 @@ int main(void)
     if (vc_xts_new(dek, &key) != 0)
         return 1;
     const size_t sizes[] = {4096, 65536};
+    for (minlat = 0; minlat <= 1; minlat++)
     for (int m = 0; m < 2; m++)
         for (int s = 0; s < 2; s++)
             for (int threads = 1; threads <= 2; threads++) {
@@ -74,10 +94,13 @@ int main(void)
                     for (int k = 0; k < threads; k++)
                         pthread_join(t[k], NULL);
                     pthread_barrier_destroy(&barrier);
-                    if (got[0] + got[1] > best)
-                        best = got[0] + got[1];
+                    const double v = minlat ? (threads == 2 ? (got[0] < got[1] ? got[0] : got[1]) : got[0])
+                                            : got[0] + got[1];
+                    if (v > best)
+                        best = v;
                 }
-                printf("%s %zu %d %.0f\n", m ? "evp-xts-one-unit" : "native-sector-cipher", size, threads, best);
+                printf("%s%s %zu %d %.0f\n", minlat ? "minlat " : "", m ? "evp-xts-one-unit" : "native-sector-cipher",
+                       size, threads, best);
             }
     vc_xts_unref(key);
     return 0;
