@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # 
 from vmfs_crypt.crypto.native import native, reason  # noqa: E402
 
 try:
-    from vmfs_crypt.crypto.xts import SectorCipher as PySectorCipher  # noqa: E402
+    from vmfs_crypt.crypto.xts import PySectorCipher  # noqa: E402
 except ImportError:
     from vmfs_crypt.xts import SectorCipher as PySectorCipher  # noqa: E402
 

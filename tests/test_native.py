@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from vmfs_crypt.crypto.native import native, reason
 
 try:  # the package is being moved into subpackages
-    from vmfs_crypt.crypto.xts import SectorCipher as PySectorCipher
+    from vmfs_crypt.crypto.xts import PySectorCipher
 except ImportError:  # pragma: no cover - layout before the restructuring
     from vmfs_crypt.xts import SectorCipher as PySectorCipher
 
@@ -1262,7 +1262,7 @@ def test_mount_serves_natively(tmp_path, major):
 def _mount_child(backing: str, mnt: str, dek_hex: str) -> None:
     import mfusepy
 
-    from vmfs_crypt.crypto.native import install_into
+    from vmfs_crypt.fuse.native import install_into
 
     cipher = native.SectorCipher(bytes.fromhex(dek_hex))
 

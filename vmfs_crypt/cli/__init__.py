@@ -5,14 +5,18 @@ import sys
 import click
 
 from .. import __version__
+from ..crypto.native import native, reason
 from ..errors import ExitCode, VmfsCryptError
 from ..sysutil import disable_core_dumps
 from . import agent, disk, mount, provider
 from .common import Ctx
 
+DATA_PATH = f"native, {reason}" if native is not None else f"python, {reason}"
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="vmfs-crypt")
+@click.version_option(__version__, prog_name="vmfs-crypt",
+                      message=f"%(prog)s %(version)s (data path: {DATA_PATH})")
 @click.option("--config", "config_path", envvar="VMFS_CRYPT_CONFIG", type=click.Path(dir_okay=False),
               help="Configuration file (default: ~/.config/vmfs-crypt/config.toml, or $VMFS_CRYPT_CONFIG).")
 @click.pass_context

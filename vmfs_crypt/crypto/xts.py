@@ -235,7 +235,7 @@ def sector_tweak(sector_no: int) -> bytes:
     return sector_no.to_bytes(16, "little")
 
 
-class SectorCipher:
+class PySectorCipher:
     """Encrypts and decrypts runs of sectors of one file under its DEK.
 
     Whole sectors go through `_bulk` (bulk AES-ECB with the XTS masks computed by
@@ -266,7 +266,7 @@ class SectorCipher:
         self._xts = algorithms.AES(dek)
 
     def __repr__(self) -> str:
-        return "SectorCipher(<key hidden>)"
+        return "PySectorCipher(<key hidden>)"
 
     # -- a partial last sector -----------------------------------------------------
     def _partial(self, sector_no: int, data: bytes, encrypt: bool) -> bytes:
@@ -315,3 +315,10 @@ def new_dek() -> bytes:
         dek = secrets.token_bytes(DEK_SIZE)
         if dek[:32] != dek[32:]:
             return dek
+
+
+# The sector cipher of every caller: the compiled core's (same API and bytes, the GIL released,
+# tested against PySectorCipher in tests/test_native.py), or the Python reference without it.
+from .native import native as _native  # noqa: E402
+
+SectorCipher = _native.SectorCipher if _native is not None else PySectorCipher

@@ -28,6 +28,7 @@ from ..format.kinds import FileKind, classify, classify_name
 from .handles import DescriptorHandle, EncryptedHandle, Handle, PlainHandle
 from .keycache import DekCache
 from .namespace import check_move, is_fuse_hidden, symlink_allowed, symlink_error
+from .datapath import choose as choose_datapath
 from .openfiles import DescriptorFile, EncryptedFile, OpenFileTable
 from .tree import Entry, Tree
 
@@ -63,6 +64,8 @@ class VmfsCore:
         self._meta_lock = self.files.lock  # one lock for key files, names and the table
         self.revoked: set[KeyRef] = set()  # KEKs revoked under on_revoke = "lock", as the agent reports
         self._as_root = os.geteuid() == 0
+        self.datapath = choose_datapath()
+        log.info("data path: %s", self.datapath.description)
 
     def close(self) -> None:
         self.tree.close()
@@ -296,6 +299,9 @@ class VmfsCore:
                 else:
                     os.rename(eo.at, en.at, src_dir_fd=eo.dirfd, dst_dir_fd=en.dirfd)
                 self.files.renamed(eo.rel, en.rel)
+                for handle in self.files.handles():
+                    if isinstance(handle, EncryptedHandle) and handle.rel == en.rel:
+                        self.datapath.rename(handle.file.lock, en.rel)
 
     def _check_moved_symlink(self, eo: Entry, en: Entry) -> None:
         if stat.S_ISLNK(self._lstat(eo).st_mode) and not self._symlink_ok(en, os.readlink(eo.at, dir_fd=eo.dirfd)):
@@ -378,9 +384,28 @@ class VmfsCore:
             if shared is None:
                 record = self._key_record(folder, e.name, st.st_size, e.rel)
                 cipher = self.deks.acquire(record, e.rel)
-                shared = self.files.encrypted[inode] = EncryptedFile(inode, cipher, record)
+                lock = self.datapath.file_lock(cipher, e.rel)
+                shared = self.files.encrypted[inode] = EncryptedFile(inode, cipher, record, lock)
+                if record.keysafe.kek in self.revoked:
+                    self.datapath.set_revoked(lock, True)
             shared.opens += 1
-        return EncryptedHandle(e.rel, fd, shared, self._is_revoked)
+        handle = EncryptedHandle(e.rel, fd, shared, self._is_revoked)
+        # A new empty .vmdk may still turn out to be a descriptor at its first write: Python decides.
+        handle.pending = e.name.lower().endswith(".vmdk") and st.st_size == 0
+        return handle
+
+    def _add(self, handle: Handle) -> int:
+        """A new file handle, served by the compiled core from now on where it can be."""
+        fh = self.files.add(handle)
+        try:
+            if isinstance(handle, EncryptedHandle) and not handle.pending:
+                self.datapath.attach(fh, handle.fd, handle.file.lock)
+            elif isinstance(handle, PlainHandle):
+                self.datapath.attach(fh, handle.fd, self.datapath.file_lock(None, handle.rel))
+        except BaseException:
+            self.files.pop(fh)
+            raise
+        return fh
 
     def _open_descriptor(self, e: Entry) -> DescriptorHandle:
         with self._meta_lock:
@@ -403,14 +428,14 @@ class VmfsCore:
                 handle = self._open_descriptor(e)
                 if flags & os.O_TRUNC:
                     handle.truncate(0)
-                return self.files.add(handle)
+                return self._add(handle)
             if kind is FileKind.ENCRYPTED and state is FolderState.DAMAGED:
                 raise self._damaged(folder)
             fd = os.open(e.at, self._backing_flags(flags, kind), dir_fd=e.dirfd)
             try:
                 if kind is FileKind.ENCRYPTED:
-                    return self.files.add(self._open_encrypted(e, fd, folder))
-                return self.files.add(PlainHandle(e.rel, fd))
+                    return self._add(self._open_encrypted(e, fd, folder))
+                return self._add(PlainHandle(e.rel, fd))
             except BaseException:
                 os.close(fd)
                 raise
@@ -439,9 +464,9 @@ class VmfsCore:
             try:
                 self._chown_new(e, caller)
                 if kind is not FileKind.ENCRYPTED:
-                    return self.files.add(PlainHandle(e.rel, fd))
+                    return self._add(PlainHandle(e.rel, fd))
                 try:
-                    return self.files.add(self._open_encrypted(e, fd, folder))
+                    return self._add(self._open_encrypted(e, fd, folder))
                 finally:
                     self.deks.release(record)  # _open_encrypted holds its own reference
             except BaseException:
@@ -449,6 +474,7 @@ class VmfsCore:
                 raise
 
     def release(self, fh: int) -> None:
+        self.datapath.detach(fh)
         handle = self.files.pop(fh)
         try:
             handle.flush()
@@ -499,9 +525,14 @@ class VmfsCore:
 
     def write(self, fh: int, data, offset: int) -> int:
         handle = self.files.get(fh)
-        if (isinstance(handle, EncryptedHandle) and offset == 0 and bytes(data[:len(DESCRIPTOR_MAGIC)]) == DESCRIPTOR_MAGIC
-                and handle.rel.lower().endswith(".vmdk")):
-            handle = self._become_descriptor(fh, handle)
+        if isinstance(handle, EncryptedHandle) and handle.pending:
+            if offset == 0 and bytes(data[:len(DESCRIPTOR_MAGIC)]) == DESCRIPTOR_MAGIC:
+                handle = self._become_descriptor(fh, handle)
+            if isinstance(handle, EncryptedHandle):
+                with self._meta_lock:
+                    if handle.pending:  # decided: an encrypted file; the compiled core serves it from now on
+                        handle.pending = False
+                        self.datapath.attach(fh, handle.fd, handle.file.lock)
         return handle.write(data, offset)
 
     def _become_descriptor(self, fh: int, handle: EncryptedHandle) -> Handle:
@@ -547,7 +578,13 @@ class VmfsCore:
     # -- revocation ----------------------------------------------------------------------
     def set_revoked(self, revoked: set[KeyRef]) -> set[KeyRef]:
         """The KEKs the agent reports revoked under on_revoke = "lock"; returns the newly revoked ones."""
-        new = revoked - self.revoked
-        self.revoked = set(revoked)
+        with self._meta_lock:
+            new = revoked - self.revoked
+            self.revoked = set(revoked)
+            for shared in self.files.encrypted.values():
+                self.datapath.set_revoked(shared.lock, shared.kek in revoked)
         return new
+
+    def datapath_stats(self) -> dict:
+        return self.datapath.stats()
 

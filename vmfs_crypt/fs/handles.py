@@ -78,6 +78,7 @@ class EncryptedHandle(Handle):
         super().__init__(rel, fd)
         self.file = file
         self._is_revoked = is_revoked
+        self.pending = False  # a new empty .vmdk whose first write decides descriptor or encrypted
 
     def _check(self, op: str) -> None:
         if self._is_revoked(self.file.kek):

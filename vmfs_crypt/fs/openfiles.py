@@ -22,9 +22,10 @@ class EncryptedFile:
     inode: tuple[int, int]  # (st_dev, st_ino) of the backing file
     cipher: SectorCipher
     record: KeyRecord  # the key record its cipher came from (the DEK cache counts users by it)
-    lock: RWLock = field(default_factory=RWLock)
+    # Readers-writer lock: RWLock, or the compiled core's FileState (which also carries the
+    # cipher, the revocation flag and the name for native log records): fs/datapath.py.
+    lock: object = field(default_factory=RWLock)
     opens: int = 0
-    native: object = None  # the compiled core's FileState, when the native data path serves it
 
     @property
     def kek(self) -> KeyRef:
