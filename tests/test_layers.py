@@ -41,7 +41,11 @@ def imports(path: str, rel: list[str]):
             if node.level:
                 base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
                 parts = base + (node.module.split(".") if node.module else [])
-                yield (parts[0] if parts else "__init__"), "vmfs_crypt"  # "from .. import x": the package
+                if parts:
+                    yield parts[0], "vmfs_crypt"
+                else:  # "from .. import x": x is a module of the package, or a name of its __init__
+                    for alias in node.names:
+                        yield (alias.name if alias.name in LAYER else "__init__"), "vmfs_crypt"
             else:
                 parts = node.module.split(".")
                 yield (parts[1] if parts[0] == "vmfs_crypt" and len(parts) > 1 else None), parts[0]

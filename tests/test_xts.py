@@ -343,11 +343,11 @@ def test_wrong_dek_length_is_refused(length):
 
 def test_repr_never_shows_key_bytes():
     dek = bytes(range(1, 65))
-    sc = SectorCipher(dek)
-    for text in (repr(sc), str(sc), repr(sc._k1), repr(sc._k2)):
+    sc, py = SectorCipher(dek), xts.PySectorCipher(dek)
+    for text in (repr(sc), str(sc), repr(py), str(py), repr(py._k1), repr(py._k2)):
         assert dek.hex() not in text
         assert dek[:32].hex() not in text and dek[32:].hex() not in text
         assert dek.hex()[:16] not in text
         assert repr(dek[:8])[2:-1] not in text
         assert "hidden" in text
-    assert not hasattr(sc, "__dict__")  # nothing else to dump by accident
+    assert not hasattr(sc, "__dict__") and not hasattr(py, "__dict__")  # nothing else to dump by accident
