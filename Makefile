@@ -20,8 +20,12 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --config-settings editable_mode=compat -e '.[test,kmip]'
 	touch $(STAMP)
 
+# Everything, with the compiled core; then the data-path tests again on the Python reference
+# path (VMFS_CRYPT_NATIVE=0): make test passes with and without the compiled core.
+PY_PATH_TESTS := tests/test_xts.py tests/test_format_independent.py tests/test_mount_posix.py tests/test_datapath_mount.py
 test: deps
 	$(PY) -m pytest -q -p no:cacheprovider tests
+	VMFS_CRYPT_NATIVE=0 $(PY) -m pytest -q -p no:cacheprovider $(PY_PATH_TESTS)
 
 # The FUSE-free tiers (no mount, no CLI processes, no QEMU, no key server): seconds.
 test-unit: deps
