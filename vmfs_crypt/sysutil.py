@@ -49,3 +49,14 @@ class PeerCred:
 def peer_credentials(sock: socket.socket) -> PeerCred:
     pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     return PeerCred(pid, uid, gid)
+
+
+RENAME_NOREPLACE = 1
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+
+
+def renameat2(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str, flags: int) -> None:
+    """rename(2) with flags (RENAME_NOREPLACE: fail with EEXIST instead of replacing, atomically)."""
+    if _libc.renameat2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), dst)

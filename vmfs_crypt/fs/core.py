@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from dataclasses import dataclass
 
 from ..agent.protocol import KeyAccess
@@ -30,10 +31,12 @@ from .keycache import DekCache
 from .namespace import check_move, is_fuse_hidden, symlink_allowed, symlink_error
 from .datapath import choose as choose_datapath
 from .openfiles import DescriptorFile, EncryptedFile, OpenFileTable
+from ..sysutil import RENAME_NOREPLACE, renameat2
 from .tree import Entry, Tree
 
 log = logging.getLogger("vmfs_crypt.fs")
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2  # utimensat(2)'s special tv_nsec values
 STAT_FIELDS = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_blocks", "st_ino", "st_rdev")
 STATFS_FIELDS = ("f_bavail", "f_bfree", "f_blocks", "f_bsize", "f_favail", "f_ffree", "f_files", "f_flag",
                  "f_frsize", "f_namemax")
@@ -46,6 +49,17 @@ class Caller:
     uid: int
     gid: int
     pid: int = 0
+
+
+def _dtype_mode(entry: os.DirEntry) -> int:
+    """The file type bits of a directory entry, from d_type (no stat)."""
+    if entry.is_symlink():
+        return stat.S_IFLNK
+    if entry.is_dir(follow_symlinks=False):
+        return stat.S_IFDIR
+    if entry.is_file(follow_symlinks=False):
+        return stat.S_IFREG
+    return stat.S_IFMT(entry.stat(follow_symlinks=False).st_mode)
 
 
 def _enoent() -> OSError:
@@ -143,14 +157,19 @@ class VmfsCore:
                         attrs["st_size"] = len(found.view)
             return attrs
 
-    def readdir(self, path: str) -> list[str]:
+    def readdir(self, path: str) -> list[tuple[str, int, int]]:
+        """(name, inode number, file type bits) of each visible entry: the inode numbers are the
+        backing files' (use_ino; a zero would make readdir(3) skip the entry)."""
         with self.tree.entry(path) as e:
             fd = os.open(e.at, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=e.dirfd)
             try:
-                names = os.listdir(fd)
+                here = os.fstat(fd).st_ino
+                with os.scandir(fd) as it:
+                    entries = [(d.name, d.inode(), _dtype_mode(d)) for d in it if not is_hidden_name(d.name)]
+                # "..": the parent's number is not ours to know at the root; any non-zero one will do.
+                return [(".", here, stat.S_IFDIR), ("..", 1, stat.S_IFDIR)] + entries
             finally:
                 os.close(fd)
-        return [n for n in names if not is_hidden_name(n)]
 
     def readlink(self, path: str) -> str:
         with self.tree.entry(path) as e:
@@ -191,7 +210,14 @@ class VmfsCore:
             os.chown(e.at, uid, gid, dir_fd=e.dirfd, follow_symlinks=False)
 
     def utimens(self, path: str, times_ns: tuple[int, int] | None) -> None:
+        """Set (atime, mtime) in ns; either may be UTIME_NOW or UTIME_OMIT, as utimensat(2) allows."""
         with self.tree.entry(path) as e:
+            if times_ns is not None and any(t in (UTIME_NOW, UTIME_OMIT) for t in times_ns):
+                st = self._lstat(e)
+                now = time.time_ns()
+                current = (st.st_atime_ns, st.st_mtime_ns)
+                times_ns = tuple(now if t == UTIME_NOW else current[i] if t == UTIME_OMIT else t
+                                 for i, t in enumerate(times_ns))
             os.utime(e.at, ns=times_ns, dir_fd=e.dirfd, follow_symlinks=False)
 
     def access(self, path: str, amode: int) -> None:
@@ -279,7 +305,10 @@ class VmfsCore:
                     except OSError as exc:  # the file is gone; its unused key entry is harmless
                         log.warning("%s: removed, but its key entry stays in %s (%s)", e.rel, FOLDER_KEYS_NAME, exc)
 
-    def rename(self, old: str, new: str) -> None:
+    def rename(self, old: str, new: str, flags: int = 0) -> None:
+        """rename(2); RENAME_NOREPLACE is honoured atomically, RENAME_EXCHANGE is not supported (EINVAL)."""
+        if flags & ~RENAME_NOREPLACE:
+            raise OSError(errno.EINVAL, "RENAME_EXCHANGE and RENAME_WHITEOUT are not supported")
         with self.tree.entries(old, new) as (eo, en):
             if is_hidden_name(en.name):
                 raise OSError(errno.EACCES, "reserved name")
@@ -288,27 +317,34 @@ class VmfsCore:
                 dst = self.folder_of(en)
                 dst_state = dst.state()
                 if stat.S_ISDIR(self._lstat(eo).st_mode):
-                    os.rename(eo.at, en.at, src_dir_fd=eo.dirfd, dst_dir_fd=en.dirfd)
+                    self._rename_entry(eo, en, flags)
                     self.files.renamed(eo.rel, en.rel)
                     return
                 check_move(kind, dst_state, en.name)
                 if kind is FileKind.SPECIAL and dst_state is not FolderState.PLAIN:
                     self._check_moved_symlink(eo, en)
                 if kind is FileKind.ENCRYPTED and not is_fuse_hidden(en.name):
-                    self._rename_encrypted(eo, en, src, dst, src_state, dst_state)
+                    self._rename_encrypted(eo, en, src, dst, src_state, dst_state, flags)
                 else:
-                    os.rename(eo.at, en.at, src_dir_fd=eo.dirfd, dst_dir_fd=en.dirfd)
+                    self._rename_entry(eo, en, flags)
                 self.files.renamed(eo.rel, en.rel)
                 for handle in self.files.handles():
                     if isinstance(handle, EncryptedHandle) and handle.rel == en.rel:
                         self.datapath.rename(handle.file.lock, en.rel)
+
+    @staticmethod
+    def _rename_entry(eo: Entry, en: Entry, flags: int) -> None:
+        if flags:
+            renameat2(eo.dirfd, eo.at, en.dirfd, en.at, flags)
+        else:
+            os.rename(eo.at, en.at, src_dir_fd=eo.dirfd, dst_dir_fd=en.dirfd)
 
     def _check_moved_symlink(self, eo: Entry, en: Entry) -> None:
         if stat.S_ISLNK(self._lstat(eo).st_mode) and not self._symlink_ok(en, os.readlink(eo.at, dir_fd=eo.dirfd)):
             raise symlink_error(en.name, os.readlink(eo.at, dir_fd=eo.dirfd))
 
     def _rename_encrypted(self, eo: Entry, en: Entry, src: VmFolder, dst: VmFolder,
-                          src_state: FolderState, dst_state: FolderState) -> None:
+                          src_state: FolderState, dst_state: FolderState, flags: int) -> None:
         """Move the key entry with the file: the new name's entry first, the old one after the rename."""
         if FolderState.DAMAGED in (src_state, dst_state):
             raise self._damaged(src if src_state is FolderState.DAMAGED else dst)
@@ -322,7 +358,7 @@ class VmfsCore:
         dst_keys.files[en.name] = record  # bound to the file's id, not its name
         dst.save_keys(dst_keys)
         try:
-            os.rename(eo.at, en.at, src_dir_fd=eo.dirfd, dst_dir_fd=en.dirfd)
+            self._rename_entry(eo, en, flags)
         except BaseException:
             if previous is None:
                 dst_keys.files.pop(en.name, None)
@@ -574,6 +610,10 @@ class VmfsCore:
 
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         self.files.get(fh).fallocate(mode, offset, length)
+
+    def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE: the backing file's allocation (holes at rest are holes in plaintext)."""
+        return self.files.get(fh).seek_data(offset, whence)
 
     # -- revocation ----------------------------------------------------------------------
     def set_revoked(self, revoked: set[KeyRef]) -> set[KeyRef]:

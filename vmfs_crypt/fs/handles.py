@@ -46,6 +46,10 @@ class Handle:
         if self.fd >= 0:
             (os.fdatasync if datasync else os.fsync)(self.fd)
 
+    def seek_data(self, offset: int, whence: int) -> int:
+        """lseek(SEEK_DATA or SEEK_HOLE) of the backing file: sectors at rest that are holes read as zeros."""
+        return os.lseek(self.fd, offset, whence)
+
     def close_fd(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -157,3 +161,9 @@ class DescriptorHandle(Handle):
 
     def fsync(self, datasync: bool) -> None:
         self._write_back(self.desc)
+
+    def seek_data(self, offset: int, whence: int) -> int:
+        size = len(self.desc.view)
+        if offset < 0 or offset >= size:
+            raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+        return offset if whence == os.SEEK_DATA else size

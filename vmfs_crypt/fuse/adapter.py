@@ -75,16 +75,42 @@ def _caller() -> Caller:
     return Caller(uid, gid, pid)
 
 
+RENAME_NOREPLACE = 1
+
+
+class VmfsFuse(mfusepy.FUSE):
+    """mfusepy's FUSE with what its libfuse 3 side lacks (mfusepy 3.1.1, pinned).
+
+    - rename: mfusepy drops the flags, so RENAME_EXCHANGE became a plain rename that
+      destroyed the target (seen with fsstress); the flags now reach the core.
+    - lseek: mfusepy has no wrapper for it; SEEK_DATA/SEEK_HOLE reach the core.
+    """
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        return self.operations.rename(old.decode(self.encoding, self.errors),
+                                      new.decode(self.encoding, self.errors), flags)
+
+    def lseek(self, path, offset: int, whence: int, fip) -> int:
+        fh = fip.contents.fh if fip else None
+        return self.operations.lseek(None if path is None else path.decode(self.encoding, self.errors),
+                                     offset, whence, fh)
+
+
 class FuseOperations(mfusepy.Operations):
     """The mount's operations table. Paths arrive as str, relative to the mount point."""
 
     use_ns = True
 
-    def __init__(self, core: VmfsCore, on_init=None) -> None:
+    def __init__(self, core: VmfsCore, on_init=None, max_read: int | None = None) -> None:
         self.core = core
         self.on_init = on_init
+        self.max_read = max_read
 
-    def init(self, path):
+    def init_with_config(self, conn, config):
+        if conn is not None and self.max_read and mfusepy.fuse_version_major == 3:
+            # libfuse 3.14 never copies -o max_read into the connection and then refuses the
+            # INIT ("init() and fuse_session_new() requested different maximum read size").
+            conn.max_read = self.max_read
         if self.on_init:
             self.on_init()
 
@@ -94,7 +120,7 @@ class FuseOperations(mfusepy.Operations):
 
     @fuse_op
     def readdir(self, path, fh):
-        return [".", ".."] + self.core.readdir(path)
+        return [(name, {"st_ino": ino, "st_mode": mode}, 0) for name, ino, mode in self.core.readdir(path)]
 
     @fuse_op
     def readlink(self, path):
@@ -114,6 +140,8 @@ class FuseOperations(mfusepy.Operations):
 
     @fuse_op
     def utimens(self, path, times=None):
+        # libfuse 3 passes UTIME_NOW/UTIME_OMIT through (2 resolved them); mfusepy hands them
+        # over as those numbers of nanoseconds, which the core resolves (issue 12, utimensat).
         self.core.utimens(path, times)
 
     @fuse_op
@@ -141,8 +169,12 @@ class FuseOperations(mfusepy.Operations):
         self.core.unlink(path)
 
     @fuse_op
-    def rename(self, old, new):
-        self.core.rename(old, new)
+    def rename(self, old, new, flags=0):
+        self.core.rename(old, new, flags)
+
+    @fuse_op
+    def lseek(self, path, offset, whence, fh):
+        return self.core.lseek(fh, offset, whence)
 
     @fuse_op
     def link(self, target, source):  # mfusepy: a new name `target` for the existing `source`

@@ -13,7 +13,7 @@ from ..format.inventory import datastore_key_refs, recover_datastore
 from ..format.keysafe import KeyRef
 from ..fs.core import VmfsCore
 from ..fs.dslock import DatastoreLock
-from ..fs.mounts import FSNAME_PREFIX, SUBTYPE, check_mount_args
+from ..fs.mounts import FSNAME_PREFIX, SUBTYPE, check_mount_args, is_mounted
 from ..procs import ReadyPipe
 from ..sysutil import cap_malloc_arenas, disable_core_dumps
 
@@ -23,10 +23,11 @@ REVOKE_POLL_S = 2.0
 
 
 def parse_fuse_options(text: str | None, allow_other: bool) -> dict:
+    """-o a,b=1,...: flags become True, numbers int (libfuse 3 takes some into a config struct)."""
     options: dict = {}
     for item in filter(None, (text or "").split(",")):
         key, _, value = item.partition("=")
-        options[key.strip()] = value if value else True
+        options[key.strip()] = (int(value) if value.isdigit() else value) if value else True
     if "allow_other" in options:
         allow_other = True
     if allow_other:
@@ -63,27 +64,50 @@ def watch_revocations(core: VmfsCore, agent: AgentClient, stop: threading.Event)
             log.warning("revoked, disks under them locked now: %s", ", ".join(map(str, new)))
 
 
+def _when_live(mountpoint: str, on_ready) -> None:
+    """Report readiness once the kernel routes requests to us: libfuse may still refuse the
+    session after `init` (libfuse 3.14 did so for max_read), so `init` alone proves nothing.
+
+    libfuse mounts before it reads the INIT request, and the kernel holds every other request
+    until INIT is answered: a stat of the mount point from another thread returns exactly
+    when the session is live, or fails when libfuse refused it.
+    """
+    def wait() -> None:
+        try:
+            if not is_mounted(mountpoint):
+                raise OSError(f"{mountpoint} is not in the mount table")
+            os.stat(mountpoint)  # answered by one of our own workers
+        except OSError as exc:
+            log.error("%s: the mount did not come up: %s", mountpoint, exc)
+            return
+        on_ready()
+    threading.Thread(target=wait, daemon=True, name="ready").start()
+
+
 def serve_fuse(core: VmfsCore, mountpoint: str, fuse_options: dict, on_ready) -> None:
     """Run the FUSE loop in this process until unmounted (multithreaded, foreground)."""
     import mfusepy  # the FUSE library loads only in the mount process
 
-    from .adapter import FuseOperations
-    ops = FuseOperations(core, on_init=on_ready)
-    # glibc gives each thread that mallocs its own arena; libfuse's worker threads would each
-    # keep the freed buffers of large requests in theirs. Two arenas bound the peak RSS.
-    cap_malloc_arenas(2)
-    options = {"fsname": FSNAME_PREFIX + core.root, "subtype": SUBTYPE}
+    from .adapter import FuseOperations, VmfsFuse
+    options = {"fsname": FSNAME_PREFIX + core.root, "subtype": SUBTYPE, "use_ino": True}
     if mfusepy.fuse_version_major == 2:
         # Without big_writes libfuse 2 splits buffered writes into 4 KiB requests: qemu-img
         # convert into the mount ran at 46 MiB/s, with it at 213 MiB/s (docs/PERFORMANCE.md).
         options["big_writes"] = True
     options.update(fuse_options)
+    max_read = options.get("max_read")
+    ops = FuseOperations(core, on_init=lambda: _when_live(mountpoint, on_ready),
+                         max_read=int(max_read) if max_read else None)
+    # glibc gives each thread that mallocs its own arena; libfuse's worker threads would each
+    # keep the freed buffers of large requests in theirs. Two arenas bound the peak RSS.
+    cap_malloc_arenas(2)
+    log.info("libfuse %d.%d", mfusepy.fuse_version_major, mfusepy.fuse_version_minor)
     if core.datapath.name == "native":
         from .native import serving_natively
         with serving_natively():
-            mfusepy.FUSE(ops, mountpoint, foreground=True, nothreads=False, **options)
+            VmfsFuse(ops, mountpoint, foreground=True, nothreads=False, **options)
     else:
-        mfusepy.FUSE(ops, mountpoint, foreground=True, nothreads=False, **options)
+        VmfsFuse(ops, mountpoint, foreground=True, nothreads=False, **options)
 
 
 def run_mount(config: Config, datastore: str, mountpoint: str, agent_socket: str | None, options_text: str | None,
