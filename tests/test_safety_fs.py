@@ -209,5 +209,111 @@ def test_disk_full_growth_fails_without_a_change(full_env):
                 assert os.pread(fd, 2000, 0) == data, attempt
         finally:
             os.close(fd)
+        # write-back of shared mmap pages into holes: the error reaches msync
+        fd = os.open(os.path.join(mnt, "vm1", "d-flat.vmdk"), os.O_RDWR)
+        try:
+            with mmap.mmap(fd, MIB) as m:
+                m[:] = b"z" * MIB
+                with pytest.raises(OSError) as err:
+                    m.flush()
+                assert err.value.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
         assert not log_problems(env)
     assert at_rest_plaintext(env, os.path.join(env.datastore, "vm1"), "g.bin") == data
+
+
+# ==== case 4: hard links =====================================================================
+@pytest.fixture
+def two_folders(venv_env):
+    """vm1 and vm2 encrypted (each with a thin disk d.vmdk), and a plain folder."""
+    env = venv_env
+    for vm in ("vm1", "vm2"):
+        os.makedirs(os.path.join(env.datastore, vm))
+        env.run("create", os.path.join(env.datastore, vm, "d.vmdk"), "--size", "1M")
+    os.makedirs(os.path.join(env.datastore, "plain"))
+    return env
+
+
+def _folder_keys(env: VmfsEnv, vm: str) -> dict:
+    import json
+    with open(os.path.join(env.datastore, vm, ".vmfs-crypt.json"), "rb") as f:
+        return json.load(f)["files"]
+
+
+def test_hard_links_follow_the_rename_rule(two_folders):
+    """link(2) never gives a file's bytes another kind; an allowed link shares one inode and one key.
+
+    The old code refused the rename x.nvram -> x.log (EXDEV) but allowed the link: writes
+    through x.log were then stored in clear inside the encrypted x.nvram.
+    """
+    env = two_folders
+    secret = b"NVRAM-SECRET" * 400
+    with mounted(env) as mnt:
+        vm1, vm2, plain = (os.path.join(mnt, d) for d in ("vm1", "vm2", "plain"))
+        with open(os.path.join(vm1, "x.nvram"), "wb") as f:
+            f.write(secret)
+        with open(os.path.join(vm1, "a.log"), "wb") as f:
+            f.write(b"log\n")
+        with open(os.path.join(plain, "p.bin"), "wb") as f:
+            f.write(b"plain data")
+        with open(os.path.join(plain, "q.log"), "wb") as f:
+            f.write(b"plain log\n")
+        refused = [
+            ("vm1/x.nvram", "vm1/x.log"),        # encrypted -> plaintext name
+            ("vm1/x.nvram", "vm1/x.VMX"),        # (suffixes compare case-insensitively)
+            ("vm1/x.nvram", "plain/x.nvram"),    # encrypted -> plain folder
+            ("vm1/d-flat.vmdk", "plain/d-flat.vmdk"),
+            ("plain/p.bin", "vm1/p.bin"),        # plain file -> encrypted name
+            ("vm1/a.log", "vm1/a.nvram"),        # plaintext kind -> encrypted name
+            ("vm1/d.vmdk", "vm1/d2.vmdk"),       # descriptors: one name only
+            ("vm1/d.vmdk", "vm2/e.vmdk"),
+            ("vm1/d.vmdk", "vm1/d.txt"),
+            ("vm1/d.vmdk", "plain/d.vmdk"),      # (its key lines would make the plain folder damaged)
+        ]
+        before = tree_hashes(env.datastore)
+        for src, dst in refused:
+            with pytest.raises(OSError) as err:
+                os.link(os.path.join(mnt, src), os.path.join(mnt, dst))
+            assert err.value.errno == errno.EXDEV, (src, dst)
+            assert not os.path.lexists(os.path.join(mnt, dst)), (src, dst)
+        assert tree_hashes(env.datastore) == before, "a refused link changed the datastore"
+        # allowed: within and between encrypted folders, and plaintext kinds among themselves
+        allowed = [("vm1/x.nvram", "vm1/y.nvram"), ("vm1/x.nvram", "vm2/x.nvram"),
+                   ("vm1/d-flat.vmdk", "vm1/copy.bin"), ("plain/q.log", "vm1/q.log")]
+        for src, dst in allowed:
+            os.link(os.path.join(mnt, src), os.path.join(mnt, dst))
+            assert os.stat(os.path.join(mnt, dst)).st_nlink >= 2
+            # one inode at rest (the mount numbers its nodes itself: no use_ino)
+            assert os.stat(os.path.join(env.datastore, src)).st_ino == os.stat(os.path.join(env.datastore, dst)).st_ino
+        # one inode, one key: writes through one name are read through the other, O_DIRECT and buffered
+        a = os.open(os.path.join(vm1, "y.nvram"), os.O_RDWR | os.O_DIRECT)
+        b = os.open(os.path.join(vm2, "x.nvram"), os.O_RDWR)
+        try:
+            buf = _aligned(4096)
+            buf[:] = b"\x42" * 4096
+            assert os.pwrite(a, buf, 4096) == 4096
+            assert os.pwrite(b, b"\x43" * 100, 50) == 100
+            expect = bytearray(secret)
+            expect[4096:8192] = b"\x42" * 4096
+            expect[50:150] = b"\x43" * 100
+            assert os.pread(b, 10000, 0) == bytes(expect)
+        finally:
+            os.close(a)
+            os.close(b)
+        with open(os.path.join(vm1, "x.nvram"), "rb") as f:
+            assert f.read() == bytes(expect)
+    keys1, keys2 = _folder_keys(env, "vm1"), _folder_keys(env, "vm2")
+    assert keys1["x.nvram"] == keys1["y.nvram"] == keys2["x.nvram"], "one file, one key record"
+    assert "copy.bin" in keys1, "a link of a descriptor-keyed extent gets a key entry of its own name"
+    for vm, name in (("vm1", "x.nvram"), ("vm1", "y.nvram"), ("vm2", "x.nvram")):
+        assert at_rest_plaintext(env, os.path.join(env.datastore, vm), name) == bytes(expect), (vm, name)
+    with open(os.path.join(env.datastore, "vm1", "x.nvram"), "rb") as f:
+        assert b"NVRAM-SECRET" not in f.read()
+    with mounted(env) as mnt:
+        for name in ("vm1/x.nvram", "vm1/y.nvram", "vm2/x.nvram"):
+            with open(os.path.join(mnt, name), "rb") as f:
+                assert f.read() == bytes(expect), name
+        with open(os.path.join(mnt, "vm1", "q.log"), "rb") as f:
+            assert f.read() == b"plain log\n"
+        assert not log_problems(env)

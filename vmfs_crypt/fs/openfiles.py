@@ -30,6 +30,16 @@ class EncryptedFile:
     def kek(self) -> KeyRef:
         return self.record.keysafe.kek
 
+    def rekey(self, cipher: SectorCipher, record: KeyRecord) -> None:
+        """Serve the file under a new DEK from now on: only for an empty file, with its lock held for writing.
+
+        (An emptied file's old key is dropped, issue 7 case 8.) The compiled data path's
+        state holds the old key: it is dropped too, to be made again from the new cipher.
+        """
+        self.cipher = cipher
+        self.record = record
+        self.native = None
+
 
 @dataclass
 class DescriptorFile:
@@ -88,6 +98,11 @@ class OpenFileTable:
     def handles(self) -> list:
         with self.lock:
             return list(self._handles.values())
+
+    def items(self) -> list[tuple[int, object]]:
+        """(file handle number, handle) of every open handle."""
+        with self.lock:
+            return list(self._handles.items())
 
     # -- names ---------------------------------------------------------------------------
     def renamed(self, old_rel: str, new_rel: str) -> None:

@@ -4,6 +4,7 @@ import ctypes
 import errno
 import functools
 import logging
+import os
 import threading
 
 import mfusepy
@@ -85,8 +86,14 @@ class FuseOperations(mfusepy.Operations):
         self.on_init = on_init
 
     def init(self, path):
-        if self.on_init:
-            self.on_init()
+        # Not fuse_op: mfusepy re-raises whatever init raises (with a traceback), and there is
+        # no errno to answer. The one line says what failed; the mount then serves anyway.
+        _pin_thread_state()
+        try:
+            if self.on_init:
+                self.on_init()
+        except Exception as exc:  # noqa: BLE001 - logged, not swallowed silently
+            log.error("init: telling the parent that the mount is up failed: %s: %s", type(exc).__name__, exc)
 
     @fuse_op
     def getattr(self, path, fh=None):
@@ -153,8 +160,9 @@ class FuseOperations(mfusepy.Operations):
         return self.core.open(path, flags)
 
     @fuse_op
-    def create(self, path, mode, fi=None):
-        return self.core.create(path, mode, caller=_caller())
+    def create(self, path, mode, fi=None):  # mfusepy passes the open flags as `fi`
+        flags = fi if isinstance(fi, int) else os.O_RDWR
+        return self.core.create(path, mode, flags, caller=_caller())
 
     @fuse_op
     def release(self, path, fh):
