@@ -317,3 +317,108 @@ def test_hard_links_follow_the_rename_rule(two_folders):
         with open(os.path.join(mnt, "vm1", "q.log"), "rb") as f:
             assert f.read() == b"plain log\n"
         assert not log_problems(env)
+
+
+# ==== case 5: symlinks =======================================================================
+SECRET = b"TOP-SECRET-SYMLINK-PAYLOAD!" * 40
+
+
+def test_symlinks_never_lead_out_of_the_datastore_or_across_the_encryption_boundary(venv_env, tmp_path):
+    """Symlinks made at rest pointing outside, into a plain folder or at a plaintext name are not followed.
+
+    Writes and reads through them fail (EIO, with a log line) and nothing lands anywhere in
+    clear; a backing directory swapped for a symlink is not followed either; such symlinks
+    cannot be made through the mount (EPERM) while admissible ones work; offline `cat`
+    refuses a symlink. The old code followed all of them.
+    """
+    env = venv_env
+    ds = env.datastore
+    outside = str(tmp_path / "outside")
+    os.makedirs(outside)
+    for vm in ("vm1", "vm2"):
+        os.makedirs(os.path.join(ds, vm))
+        env.run("create", os.path.join(ds, vm, "d.vmdk"), "--size", "1M")
+    os.makedirs(os.path.join(ds, "plain"))
+    os.makedirs(os.path.join(ds, "vm1", "plainsub"))  # a directory without a key file, made at rest
+    vm1 = os.path.join(ds, "vm1")
+    with open(os.path.join(vm1, "x.log"), "wb") as f:
+        f.write(b"log\n")
+    at_rest = {  # name in vm1 -> target: none of them may be followed
+        "out.nvram": os.path.join(outside, "out.nvram"),
+        "rel-out.nvram": "../../../outside/rel.nvram",
+        "up.nvram": "../plain/up.nvram",
+        "clear.nvram": "x.log",
+        "dir": "plainsub",
+        "extent-flat.vmdk": "/etc/passwd",
+    }
+    for name, target in at_rest.items():
+        os.symlink(target, os.path.join(vm1, name))
+    os.symlink(outside, os.path.join(ds, "plain", "abs"))
+    os.symlink("../../outside", os.path.join(ds, "plain", "esc"))
+    with mounted(env) as mnt:
+        m1 = os.path.join(mnt, "vm1")
+        targets = [os.path.join(m1, n) for n in at_rest if n != "dir"] + [
+            os.path.join(m1, "dir", "y.nvram"), os.path.join(mnt, "plain", "abs", "p.nvram"),
+            os.path.join(mnt, "plain", "esc", "q.nvram")]
+        for path in targets:
+            with pytest.raises(OSError) as err:
+                with open(path, "ab") as f:
+                    f.write(SECRET)
+            assert err.value.errno == errno.EIO, path
+            with pytest.raises(OSError):
+                with open(path, "rb") as f:
+                    f.read()
+        # a directory swapped for a symlink at rest while the mount has it cached
+        m2 = os.path.join(mnt, "vm2")
+        assert os.path.isdir(m2) and os.listdir(m2)
+        os.rename(os.path.join(ds, "vm2"), os.path.join(ds, "vm2.moved"))
+        os.makedirs(os.path.join(outside, "vm2"))
+        os.symlink(os.path.join(outside, "vm2"), os.path.join(ds, "vm2"))
+        with pytest.raises(OSError):
+            with open(os.path.join(m2, "z.nvram"), "wb") as f:
+                f.write(SECRET)
+        with pytest.raises(OSError):
+            os.listdir(os.path.join(m2, "."))
+        # made through the mount: inadmissible ones are refused, admissible ones work
+        os.mkdir(os.path.join(m1, "encsub"))
+        with open(os.path.join(m1, "x.nvram"), "wb") as f:
+            f.write(b"")
+        refused = [("/etc/passwd", "vm1/a.nvram"), ("../plain/b.nvram", "vm1/b.nvram"), ("x.log", "vm1/c.nvram"),
+                   ("x.nvram", "vm1/c.log"), ("plainsub", "vm1/s"), ("encsub/../../plain", "vm1/t"),
+                   (outside, "plain/l"), ("../../outside", "plain/m"), ("sub/../../../x", "plain/n")]
+        for target, name in refused:
+            with pytest.raises(OSError) as err:
+                os.symlink(target, os.path.join(mnt, name))
+            assert err.value.errno == errno.EPERM, (target, name)
+        for target, name in [("x.nvram", "vm1/ok.nvram"), ("x.log", "vm1/ok.log"), ("encsub", "vm1/sub2"),
+                             ("../vm1/x.nvram", "plain/ok.nvram")]:
+            os.symlink(target, os.path.join(mnt, name))
+        with open(os.path.join(m1, "ok.nvram"), "wb") as f:
+            f.write(SECRET)
+        with open(os.path.join(m1, "sub2", "w.nvram"), "wb") as f:
+            f.write(SECRET)
+        with open(os.path.join(mnt, "plain", "ok.nvram"), "rb") as f:
+            assert f.read() == SECRET  # through the mount, into the encrypted folder: decrypted
+        logs = "\n".join(open(os.path.join(d, n), errors="replace").read()
+                         for d, _, fs in os.walk(env.runtime) for n in fs if n.startswith("mount"))
+        assert "not followed" in logs
+        assert not log_problems(env)
+    assert os.listdir(os.path.join(outside, "vm2")) == [] and sorted(os.listdir(outside)) == ["vm2"], \
+        "something was written outside the datastore"
+    assert sorted(os.listdir(os.path.join(ds, "plain"))) == ["abs", "esc", "ok.nvram"]
+    assert os.listdir(os.path.join(vm1, "plainsub")) == []
+    with open(os.path.join(vm1, "x.log"), "rb") as f:
+        assert f.read() == b"log\n"
+    for dirpath, _, files in os.walk(ds):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                with open(p, "rb") as f:
+                    assert b"TOP-SECRET" not in f.read(), p
+    assert at_rest_plaintext(env, vm1, "x.nvram") == SECRET
+    # offline: cat never follows a symlink (one line, non-zero exit, nothing printed)
+    for name in ("extent-flat.vmdk", "out.nvram", "ok.nvram"):
+        proc = env.run("cat", os.path.join(vm1, name), check=False)
+        err = proc.stderr.decode()
+        assert proc.returncode != 0 and not proc.stdout, name
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
