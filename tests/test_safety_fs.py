@@ -7,7 +7,6 @@ Each test states the rule it checks; every one of them failed on the code before
 import errno
 import mmap
 import os
-import stat
 import subprocess
 
 import pytest
@@ -422,3 +421,173 @@ def test_symlinks_never_lead_out_of_the_datastore_or_across_the_encryption_bound
         err = proc.stderr.decode()
         assert proc.returncode != 0 and not proc.stdout, name
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+# ==== case 8: replacing a disk in the mount ==================================================
+QPATTERN = bytes([0x5A, 0xC3, 0x96, 0x3C]) * 16
+
+
+def _raw_source(env: VmfsEnv, path: str) -> None:
+    """A 16 MiB raw image: the pattern at a few offsets (unaligned too), holes between."""
+    env.tool("qemu-img", "create", "-q", "-f", "raw", path, "16M")
+    with open(path, "r+b") as f:
+        for off in (0, 4096 + 17, MIB, (9 << 20) + 511, (16 << 20) - 4096):
+            f.seek(off)
+            f.write(QPATTERN * 32)
+
+
+def _record_ids(env: VmfsEnv, vm: str) -> dict[str, str]:
+    """File name -> data record id of every key of the folder (descriptor lines and folder key file)."""
+    import base64
+    import json
+    import re
+    folder = os.path.join(env.datastore, vm)
+    out = {}
+    for name, entry in _folder_keys(env, vm).items():
+        out[name] = json.loads(base64.b64decode(entry["data"]))["id"]
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.endswith(".vmdk") and os.path.getsize(path) < MIB:
+            raw = open(path, "rb").read()
+            m = re.search(rb'encryption\.data = "([^"]+)"', raw)
+            ext = re.search(rb'"([^"]+)"(?: \d+)?\s*$', raw.split(b"# Extent description")[-1].split(b"\n\n")[0].strip())
+            if m and raw.startswith(b"# Disk DescriptorFile") and ext:
+                out[f"{ext.group(1).decode()} (in {name})"] = json.loads(base64.b64decode(m.group(1)))["id"]
+    return out
+
+
+def _assert_no_plaintext_at_rest(folder: str) -> None:
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                data = f.read()
+            assert QPATTERN not in data, f"the pattern is in {name} at rest"
+            if not name.endswith((".log", ".json")) and not data.startswith(b"# Disk DescriptorFile"):
+                assert not data.startswith(b"KDMV"), f"{name} is a plaintext sparse VMDK at rest"
+
+
+@pytest.mark.qemu
+def test_replacing_a_disk_in_the_mount_works_and_encrypts_the_new_image(venv_env, tmp_path):
+    """qemu-img create / convert over an existing encrypted disk work as on any filesystem (case 8).
+
+    The new image is encrypted at rest, the replaced file's key is dropped (a fresh DEK), an
+    extent left behind keeps its key, the mount log has no traceback, and the disk opens
+    after a remount. The old code failed with "Could not close the new file: Invalid
+    argument" and a FormatError traceback from the descriptor flush.
+    """
+    env = venv_env
+    vm = os.path.join(env.datastore, "vm1")
+    os.makedirs(vm)
+    env.run("create", os.path.join(vm, "disk.vmdk"), "--size", "16M")
+    src = str(tmp_path / "src.raw")
+    _raw_source(env, src)
+    with mounted(env) as mnt:
+        disk = os.path.join(mnt, "vm1", "disk.vmdk")
+        env.tool("qemu-io", "-f", "vmdk", "-c", "write -P 0x77 0 64k", disk)
+        old_flat_id = _record_ids(env, "vm1")["disk-flat.vmdk (in disk.vmdk)"]
+        steps = [
+            ("create", []),  # monolithicSparse (QEMU's default) over a flat disk
+            ("create", ["-o", "subformat=monolithicFlat"]),  # flat over sparse: the old flat extent is reused
+            ("create", ["-o", "subformat=streamOptimized"]),
+            ("convert", []),  # sparse over stream
+            ("convert", ["-o", "subformat=monolithicFlat"]),
+            ("convert", ["-o", "subformat=streamOptimized"]),
+            ("convert", ["-o", "subformat=monolithicFlat"]),  # flat over stream, over the old flat extent
+        ]
+        flat_ids = [old_flat_id]
+        for i, (op, opts) in enumerate(steps):
+            if op == "create":
+                env.tool("qemu-img", "create", "-q", "-f", "vmdk", *opts, disk, "100M")
+                env.tool("qemu-img", "check", disk)
+                if "streamOptimized" not in " ".join(opts):
+                    env.tool("qemu-io", "-f", "vmdk", "-c", f"write -P 0x{0x30 + i:02x} 1000 70000",
+                             "-c", f"read -P 0x{0x30 + i:02x} 1000 70000", disk)
+                info = env.tool("qemu-img", "info", disk).stdout.decode()
+                assert "virtual size: 100 MiB" in info, info
+            else:
+                env.tool("qemu-img", "convert", "-O", "vmdk", *opts, src, disk)
+                env.tool("qemu-img", "check", disk)
+                env.tool("qemu-img", "compare", "-f", "raw", "-F", "vmdk", src, disk)
+            ids = _record_ids(env, "vm1")
+            if "monolithicFlat" in " ".join(opts):
+                flat_id = ids.get("disk-flat.vmdk") or ids.get("disk-flat.vmdk (in disk.vmdk)")
+                assert flat_id and flat_id not in flat_ids, f"step {i}: the replaced extent's key was kept"
+                flat_ids.append(flat_id)
+            elif i == 0:
+                # the flat extent left behind keeps its key (moved to the folder key file) and its data
+                assert ids.get("disk-flat.vmdk") == old_flat_id
+                with open(os.path.join(mnt, "vm1", "disk-flat.vmdk"), "rb") as f:
+                    assert f.read(65536) == b"\x77" * 65536
+            _assert_no_plaintext_at_rest(vm)
+        # cp of a sparse image over the (flat) descriptor: O_TRUNC and the writes on one open file,
+        # a second reader holding the descriptor open meanwhile
+        sparse = str(tmp_path / "s.vmdk")
+        env.tool("qemu-img", "convert", "-O", "vmdk", src, sparse)
+        reader = os.open(disk, os.O_RDONLY)
+        try:
+            subprocess.run(["cp", sparse, disk], check=True)
+            assert os.pread(reader, 4, 0) == b"KDMV"
+        finally:
+            os.close(reader)
+        env.tool("qemu-img", "compare", "-f", "raw", "-F", "vmdk", src, disk)
+        _assert_no_plaintext_at_rest(vm)
+        assert "disk.vmdk" in _record_ids(env, "vm1")
+        env.tool("qemu-img", "convert", "-O", "vmdk", "-o", "subformat=monolithicFlat", src, disk)
+        assert not log_problems(env)
+        assert "failed" not in "\n".join(l for l in support_log(env) if "vm1/disk" in l), support_log(env)
+    _assert_no_plaintext_at_rest(vm)
+    assert at_rest_plaintext(env, vm, "disk-flat.vmdk")[:16 * MIB] == open(src, "rb").read()
+    with mounted(env) as mnt:
+        env.tool("qemu-img", "compare", "-f", "raw", "-F", "vmdk", src, os.path.join(mnt, "vm1", "disk.vmdk"))
+        assert not log_problems(env)
+
+
+def support_log(env: VmfsEnv) -> list[str]:
+    from support.safety import mount_log_text
+    return mount_log_text(env).splitlines()
+
+
+def test_keys_survive_descriptor_removal_and_extent_replacement(two_folders):
+    """Where a key lives stays true when descriptors and extents are removed or replaced by name (case 8).
+
+    rm of a descriptor keeps its extent readable (its key moves to the folder key file); a
+    file renamed over a descriptor-keyed extent (rsync, `mv tmp disk-flat.vmdk`) or created
+    after it was removed reads back as written, not under the old descriptor's key; `sed -i`
+    of a descriptor (a new file renamed over it) keeps its extent readable; a descriptor
+    that holds a key is not moved to another folder (EXDEV: its lines would key another file).
+    """
+    env = two_folders
+    data1, data2, data3 = (_pattern(t, 300_000) for t in (1, 2, 3))
+    with mounted(env) as mnt:
+        vm1, vm2 = os.path.join(mnt, "vm1"), os.path.join(mnt, "vm2")
+        for vm, data in ((vm1, data1), (vm2, data2)):
+            with open(os.path.join(vm, "d-flat.vmdk"), "r+b") as f:
+                f.write(data)
+        os.unlink(os.path.join(vm1, "d.vmdk"))
+        with open(os.path.join(vm1, "d-flat.vmdk"), "rb") as f:
+            assert f.read(len(data1)) == data1
+        with open(os.path.join(vm2, "tmp.bin"), "wb") as f:
+            f.write(data3)
+        with pytest.raises(OSError) as err:
+            os.rename(os.path.join(vm2, "d.vmdk"), os.path.join(vm1, "d.vmdk"))
+        assert err.value.errno == errno.EXDEV
+        subprocess.run(["sed", "-i", "s/lsilogic/buslogic/", os.path.join(vm2, "d.vmdk")], check=True)
+        with open(os.path.join(vm2, "d-flat.vmdk"), "rb") as f:
+            assert f.read(len(data2)) == data2
+        os.rename(os.path.join(vm2, "tmp.bin"), os.path.join(vm2, "d-flat.vmdk"))
+        with open(os.path.join(vm2, "d-flat.vmdk"), "rb") as f:
+            assert f.read() == data3
+        os.unlink(os.path.join(vm2, "d-flat.vmdk"))
+        with open(os.path.join(vm2, "d-flat.vmdk"), "wb") as f:
+            f.write(data1)
+        assert not log_problems(env)
+    assert at_rest_plaintext(env, os.path.join(env.datastore, "vm1"), "d-flat.vmdk")[:len(data1)] == data1
+    assert at_rest_plaintext(env, os.path.join(env.datastore, "vm2"), "d-flat.vmdk") == data1
+    with mounted(env) as mnt:
+        with open(os.path.join(mnt, "vm1", "d-flat.vmdk"), "rb") as f:
+            assert f.read(len(data1)) == data1
+        with open(os.path.join(mnt, "vm2", "d-flat.vmdk"), "rb") as f:
+            assert f.read() == data1
+        with open(os.path.join(mnt, "vm2", "d.vmdk"), "rb") as f:
+            assert b"buslogic" in f.read()
