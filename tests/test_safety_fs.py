@@ -591,3 +591,60 @@ def test_keys_survive_descriptor_removal_and_extent_replacement(two_folders):
             assert f.read() == data1
         with open(os.path.join(mnt, "vm2", "d.vmdk"), "rb") as f:
             assert b"buslogic" in f.read()
+
+
+# ==== case 9: resizing a flat extent =========================================================
+@pytest.mark.qemu
+def test_resizing_a_flat_extent_keeps_its_descriptor_true(venv_env):
+    """qemu-img resize (shrink, grow, falloc) of a descriptor-keyed flat extent: the descriptor follows.
+
+    The extent line's sector count is rewritten at rest and in an open descriptor view, a
+    size that is not whole sectors is refused (EINVAL and a log line), and the disk opens
+    after a remount. The old code accepted the shrink and then refused the disk with EIO
+    ("it was truncated; restore it from a backup"), even to grow it back.
+    """
+    env = venv_env
+    vm = os.path.join(env.datastore, "vm1")
+    os.makedirs(vm)
+    env.run("create", os.path.join(vm, "disk.vmdk"), "--size", "64M")
+    with mounted(env) as mnt:
+        disk, flat = os.path.join(mnt, "vm1", "disk.vmdk"), os.path.join(mnt, "vm1", "disk-flat.vmdk")
+        env.tool("qemu-io", "-f", "vmdk", "-c", "write -P 0x61 1M 64k", "-c", "write -P 0x62 60M 64k", disk)
+
+        def virtual_size() -> str:
+            import json
+            return json.loads(env.tool("qemu-img", "info", "--output=json", disk).stdout)["virtual-size"]
+
+        env.tool("qemu-img", "resize", "-q", "--shrink", "-f", "raw", flat, "32M")
+        assert virtual_size() == 32 * MIB
+        env.tool("qemu-io", "-f", "vmdk", "-c", "read -P 0x61 1M 64k", disk)
+        env.tool("qemu-img", "resize", "-q", "-f", "raw", flat, "80M")
+        assert virtual_size() == 80 * MIB
+        env.tool("qemu-io", "-f", "vmdk", "-c", "read -P 0x61 1M 64k", "-c", "read -P 0 60M 64k", disk)
+        env.tool("qemu-img", "resize", "-q", "-f", "raw", "--preallocation=falloc", flat, "96M")
+        assert virtual_size() == 96 * MIB
+        for bad in (1_000_000, 96 * MIB + 5):
+            with pytest.raises(OSError) as err:
+                os.truncate(flat, bad)
+            assert err.value.errno == errno.EINVAL
+            assert os.path.getsize(flat) == 96 * MIB
+        # with the descriptor open and being rewritten (as QEMU does): the open view follows too
+        fd = os.open(disk, os.O_RDWR)
+        try:
+            view = os.pread(fd, 4096, 0)
+            os.truncate(flat, 48 * MIB)
+            cid = view.index(b"CID=")
+            os.pwrite(fd, b"CID=12345678", cid)
+        finally:
+            os.close(fd)
+        assert virtual_size() == 48 * MIB
+        env.tool("qemu-img", "check", disk)
+        assert "truncate to 1000000 refused" in "\n".join(support_log(env))
+        assert not log_problems(env)
+    with open(os.path.join(vm, "disk.vmdk"), "rb") as f:
+        raw = f.read()
+    assert b"RW 98304 VMFS" in raw and b"CID=12345678" in raw and raw.count(b"encryption.keySafe") == 1
+    with mounted(env) as mnt:
+        disk = os.path.join(mnt, "vm1", "disk.vmdk")
+        env.tool("qemu-io", "-f", "vmdk", "-c", "read -P 0x61 1M 64k", "-c", "read -P 0 40M 64k", disk)
+        env.tool("qemu-img", "check", disk)
