@@ -7,6 +7,7 @@ Each test states the rule it checks; every one of them failed on the code before
 import errno
 import mmap
 import os
+import stat
 import subprocess
 
 import pytest
@@ -648,3 +649,180 @@ def test_resizing_a_flat_extent_keeps_its_descriptor_true(venv_env):
         disk = os.path.join(mnt, "vm1", "disk.vmdk")
         env.tool("qemu-io", "-f", "vmdk", "-c", "read -P 0x61 1M 64k", "-c", "read -P 0 40M 64k", disk)
         env.tool("qemu-img", "check", disk)
+
+
+# ==== case 10: errors under metadata faults ==================================================
+def _snapshot(root: str) -> dict[str, tuple]:
+    """Every entry under root: its type and (regular files) content hash; FIFOs are never opened."""
+    import hashlib
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode):
+                with open(p, "rb") as f:
+                    out[os.path.relpath(p, root)] = ("file", hashlib.sha256(f.read()).hexdigest())
+            elif stat.S_ISLNK(st.st_mode):
+                out[os.path.relpath(p, root)] = ("link", os.readlink(p))
+            else:
+                out[os.path.relpath(p, root)] = (stat.S_IFMT(st.st_mode),)
+    return out
+
+
+def _damage(folder: str, fault: str, good_keys: bytes) -> None:
+    keys = os.path.join(folder, ".vmfs-crypt.json")
+    if fault == "descriptor":
+        with open(os.path.join(folder, "d.vmdk"), "rb") as f:
+            raw = f.read()
+        with open(os.path.join(folder, "d.vmdk"), "wb") as f:
+            f.write(raw.replace(b'encryption.keySafe = "vmware:', b'encryption.keySafe = "vmwore:'))
+        return
+    os.unlink(keys)
+    if fault == "truncated":
+        with open(keys, "wb") as f:
+            f.write(good_keys[:len(good_keys) // 2])
+    elif fault == "wrong-format":
+        with open(keys, "wb") as f:
+            f.write(good_keys.replace(b'"vmfs-crypt-folder"', b'"something-else"'))
+    elif fault == "directory":
+        os.mkdir(keys)
+    elif fault == "fifo":
+        os.mkfifo(keys)
+    elif fault == "symlink":
+        os.symlink("../vm0/.vmfs-crypt.json", keys)
+    elif fault == "deep":
+        with open(keys, "wb") as f:
+            f.write(b"[" * 200_000 + b"]" * 200_000)
+
+
+FAULTS = ["truncated", "wrong-format", "directory", "fifo", "symlink", "deep", "descriptor"]
+
+
+def _operations(d: str):
+    """(name, namespace?, callable) of every FUSE operation on the files of the folder `d` (in the mount)."""
+    def write(path):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"w" * 700, 100)
+        finally:
+            os.close(fd)
+
+    def read(path):
+        with open(path, "rb") as f:
+            f.read()
+
+    def fallocate(path):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, 1 << 16)
+        finally:
+            os.close(fd)
+
+    j = lambda n: os.path.join(d, n)  # noqa: E731
+    return [
+        ("getattr", False, lambda: os.stat(j("x.nvram"))),
+        ("readdir", False, lambda: os.listdir(d)),
+        ("open+read", False, lambda: read(j("x.nvram"))),
+        ("read extent", False, lambda: read(j("d-flat.vmdk"))),
+        ("read descriptor", False, lambda: read(j("d.vmdk"))),
+        ("write", False, lambda: write(j("x.nvram"))),
+        ("write extent", False, lambda: write(j("d-flat.vmdk"))),
+        ("write descriptor", False, lambda: write(j("d.vmdk"))),
+        ("truncate", False, lambda: os.truncate(j("x.nvram"), 100)),
+        ("truncate extent", False, lambda: os.truncate(j("d-flat.vmdk"), 0)),
+        ("fallocate", False, lambda: fallocate(j("x.nvram"))),
+        ("chmod", False, lambda: os.chmod(j("x.nvram"), 0o640)),
+        ("utimens", False, lambda: os.utime(j("x.nvram"), ns=(10**9, 10**9))),
+        ("create", True, lambda: open(j("new.nvram"), "wb").close()),
+        ("create .vmdk", True, lambda: open(j("new.vmdk"), "wb").close()),
+        ("mkdir", True, lambda: os.mkdir(j("sub2"))),
+        ("rmdir", True, lambda: os.rmdir(j("empty"))),
+        ("symlink", True, lambda: os.symlink("x.nvram", j("s.nvram"))),
+        ("link", True, lambda: os.link(j("x.nvram"), j("z.nvram"))),
+        ("rename", True, lambda: os.rename(j("x.nvram"), j("y.nvram"))),
+        ("rename extent", True, lambda: os.rename(j("d-flat.vmdk"), j("e-flat.vmdk"))),
+        ("rename descriptor", True, lambda: os.rename(j("d.vmdk"), j("e.vmdk"))),
+        ("unlink descriptor", True, lambda: os.unlink(j("e.vmdk" if os.path.lexists(j("e.vmdk")) else "d.vmdk"))),
+        ("unlink", True, lambda: os.unlink(j("u.nvram"))),
+        ("unlink log", True, lambda: os.unlink(j("x.log"))),
+    ]
+
+
+def test_metadata_faults_give_errno_answers_and_change_nothing(venv_env):
+    """Every operation under every fault of the key metadata gets an errno answer, never an internal error.
+
+    Faults: the folder key file truncated, of another format, a directory, a FIFO, a
+    symlink, deeply nested JSON; a descriptor with a malformed encryption line. The mount
+    log shows no traceback and no "internal error", and a refused namespace operation
+    leaves the backing tree as it was. (Mode 000 is no fault for root: not tested.) The old
+    code deleted the file and then failed an unlink, left a subfolder without its key entry
+    after a mkdir, and answered EINVAL with a traceback.
+    """
+    env = venv_env
+    ds = env.datastore
+    vm0 = os.path.join(ds, "vm0")
+    os.makedirs(vm0)
+    env.run("create", os.path.join(vm0, "d.vmdk"), "--size", "1M")
+    with mounted(env) as mnt:
+        with open(os.path.join(mnt, "vm0", "x.nvram"), "wb") as f:
+            f.write(b"n" * 3000)
+        with open(os.path.join(mnt, "vm0", "u.nvram"), "wb") as f:
+            f.write(b"u" * 3000)
+        with open(os.path.join(mnt, "vm0", "x.log"), "wb") as f:
+            f.write(b"log\n")
+        os.mkdir(os.path.join(mnt, "vm0", "empty"))
+    with open(os.path.join(vm0, ".vmfs-crypt.json"), "rb") as f:
+        good_keys = f.read()
+    for fault in FAULTS:
+        folder = os.path.join(ds, f"f-{fault}")
+        subprocess.run(["cp", "-a", vm0, folder], check=True)
+        _damage(folder, fault, good_keys)
+    answers: dict[tuple[str, str], str] = {}
+    with mounted(env) as mnt:
+        for fault in FAULTS:
+            for name, namespace, op in _operations(os.path.join(mnt, f"f-{fault}")):
+                before = _snapshot(ds)
+                try:
+                    op()
+                    answers[fault, name] = "ok"
+                except OSError as exc:
+                    answers[fault, name] = errno.errorcode.get(exc.errno, str(exc.errno))
+                    if namespace:
+                        assert _snapshot(ds) == before, f"{fault}: a refused {name} changed the datastore"
+        problems = log_problems(env)
+    assert not problems, "\n".join(problems)
+    for fault in FAULTS:
+        # nothing encrypted of a folder whose keys are unreadable is served, or changed
+        if fault != "descriptor":
+            for name in ("open+read", "read extent", "write", "write extent", "create", "mkdir", "link", "rename",
+                         "unlink", "unlink descriptor"):
+                assert answers[fault, name] != "ok", (fault, name, answers[fault, name])
+        else:
+            for name in ("read extent", "write extent", "truncate extent", "unlink descriptor"):
+                assert answers[fault, name] != "ok", (fault, name, answers[fault, name])
+    assert all(a in ("ok", "EIO", "EACCES", "EXDEV", "ENOENT", "EINVAL", "EPERM") for a in answers.values()), answers
+
+
+def test_every_fuse_operation_maps_errors_in_one_place(caplog):
+    """Each operation of the FUSE table goes through fuse_op (init, which has no errno, logs one line)."""
+    import mfusepy
+
+    from vmfs_crypt.fuse import adapter
+    table = adapter.FuseOperations
+    ops = [n for n, v in vars(table).items() if callable(v) and not n.startswith("_")]
+    assert {"getattr", "open", "create", "write", "truncate", "fallocate", "link", "symlink", "rename"} <= set(ops)
+    for name in ops:
+        assert name in vars(mfusepy.Operations), f"{name} is not an mfusepy operation"
+        if name != "init":
+            assert getattr(vars(table)[name], "__wrapped__", None) is not None, f"{name} bypasses fuse_op"
+
+    def boom():
+        raise RuntimeError("the ready pipe is gone")
+    with caplog.at_level("ERROR", logger="vmfs_crypt.fs"):
+        table(core=None, on_init=boom).init("/")  # must not raise: mfusepy would print a traceback
+    assert [r.getMessage() for r in caplog.records] == [
+        "init: telling the parent that the mount is up failed: RuntimeError: the ready pipe is gone"]
+    # an unexpected exception of an operation: one line, EIO, no traceback
+    err = adapter.to_errno(KeyError("x"), "write", "/vm1/a")
+    assert err == errno.EIO

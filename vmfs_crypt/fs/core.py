@@ -113,12 +113,17 @@ class VmfsCore:
 
     # -- keys ----------------------------------------------------------------------------
     def _key_record(self, folder: VmFolder, name: str, size: int, what: str) -> tuple[KeyRecord, bytes | None]:
-        """(key record, DEK if new) of an existing encrypted file; an empty file without a key gets one."""
+        """(key record, DEK if new) of an existing encrypted file; an empty file without a key gets one.
+
+        The folder key file is parsed even when a descriptor holds the key: a broken one makes
+        the whole folder unreadable (FORMAT.md 7.3, fail closed).
+        """
+        keys = folder.load_keys()
         found = folder.descriptor_record_for(name)
         if found:
             check_extent_length(what, size, found[0], found[2])
             return found[1], None
-        record = folder.load_keys().files.get(name)
+        record = keys.files.get(name)
         if record is not None:
             return record, None
         if size:
