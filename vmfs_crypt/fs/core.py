@@ -397,6 +397,9 @@ class VmfsCore:
         with self.tree.entries(old, new) as (eo, en):
             if is_hidden_name(en.name):
                 raise OSError(errno.EACCES, "reserved name")
+            if eo.rel == en.rel:
+                self._lstat(eo)
+                return  # POSIX: a rename to itself does nothing
             with self._meta_lock:
                 kind, src, src_state = self._kind(eo)
                 dst = self.folder_of(en)
