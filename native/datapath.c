@@ -95,6 +95,24 @@ void vc_file_unref(vc_file *f)
     free(f);
 }
 
+int vc_file_set_cipher(vc_file *f, vc_xts *cipher)
+{
+    if (cipher == NULL)
+        return -EINVAL;
+    int rc = 0;
+    VC_MUST(pthread_mutex_lock(&f->mu));
+    if (!f->writer || f->cipher == NULL) {
+        rc = -EPERM;
+    } else {
+        vc_xts *old = f->cipher;
+        vc_xts_ref(cipher);
+        f->cipher = cipher; /* no reader runs: the caller holds the write lock */
+        vc_xts_unref(old);
+    }
+    VC_MUST(pthread_mutex_unlock(&f->mu));
+    return rc;
+}
+
 vc_xts *vc_file_cipher(const vc_file *f)
 {
     return f->cipher;

@@ -50,6 +50,10 @@ int vc_file_new(vc_xts *cipher, const char *name, vc_file **out);
 void vc_file_ref(vc_file *f);
 void vc_file_unref(vc_file *f);
 vc_xts *vc_file_cipher(const vc_file *f); /* borrowed; NULL for a plain file */
+/* Serve an encrypted file under another cipher from now on (a file emptied and given a new
+ * DEK: issue 7, case 8). The caller must hold the file's write lock: -EPERM otherwise, and
+ * for a plain file; -EINVAL for a NULL cipher. Takes a reference on `cipher`. */
+int vc_file_set_cipher(vc_file *f, vc_xts *cipher);
 void vc_file_set_revoked(vc_file *f, int revoked);
 int vc_file_revoked(const vc_file *f);
 int vc_file_set_name(vc_file *f, const char *name);

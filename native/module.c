@@ -379,6 +379,24 @@ static PyObject *FileState_get_cipher(FileStateObject *self, void *closure)
     return self->cipher;
 }
 
+static PyObject *FileState_set_cipher(FileStateObject *self, PyObject *cipher)
+{
+    if (!PyObject_TypeCheck(cipher, &SectorCipher_Type)) {
+        PyErr_SetString(PyExc_TypeError, "cipher must be a vmfs_crypt._native.SectorCipher");
+        return NULL;
+    }
+    const int rc = vc_file_set_cipher(self->f, ((SectorCipherObject *)cipher)->x);
+    if (rc == -EPERM) {
+        PyErr_SetString(PyExc_RuntimeError, "set_cipher() needs the write lock held, on an encrypted file");
+        return NULL;
+    }
+    if (rc != 0)
+        return set_errno_error(rc);
+    Py_INCREF(cipher);
+    Py_SETREF(self->cipher, cipher);
+    Py_RETURN_NONE;
+}
+
 static PyGetSetDef FileState_getset[] = {
     {"revoked", (getter)FileState_get_revoked, (setter)FileState_set_revoked,
      "True: reads and writes of this file fail with EACCES (the KEK was revoked).", NULL},
@@ -394,6 +412,8 @@ static PyMethodDef FileState_methods[] = {
     {"acquire_write", (PyCFunction)FileState_acquire_write, METH_NOARGS,
      "Take the file's lock exclusive (waits with the GIL released). Not recursive."},
     {"release_write", (PyCFunction)FileState_release_write, METH_NOARGS, NULL},
+    {"set_cipher", (PyCFunction)FileState_set_cipher, METH_O,
+     "Serve the file under another SectorCipher from now on; the caller holds the write lock."},
     {"__reduce__", SectorCipher_reduce, METH_NOARGS, NULL},
     {"__reduce_ex__", (PyCFunction)(void (*)(void))SectorCipher_reduce, METH_O, NULL},
     {NULL, NULL, 0, NULL},

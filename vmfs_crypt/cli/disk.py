@@ -109,7 +109,7 @@ def info(path, as_json):
 
 
 @click.command()
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("file", type=click.Path(dir_okay=False))  # no exists=True: click would follow a symlink (issue 7, case 5)
 @pass_ctx
 def cat(c, file):
     """Write the plaintext of one file (e.g. a core dump) to standard output."""

@@ -61,8 +61,12 @@ def read_regular(path: str, max_size: int) -> bytes:
         os.close(fd)
 
 
-def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Replace `path` with `data` so that a crash leaves either the old or the new content."""
+def write_atomic(path: str, data: bytes, mode: int = 0o600, owner: tuple[int, int] | None = None) -> None:
+    """Replace `path` with `data` so that a crash leaves either the old or the new content.
+
+    `owner` (uid, gid): give the new file the owner of the file it replaces (a descriptor
+    rewritten by the mount keeps its owner, e.g. libvirt's qemu user).
+    """
     dir_path = os.path.dirname(os.path.abspath(path))
     # Named like every vmfs-crypt temporary file (.vmfs-crypt*): hidden in the mount, and removed
     # by recovery if a crash leaves it behind.
@@ -72,6 +76,8 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+        if owner is not None:
+            os.fchown(fd, *owner)
         os.fsync(fd)
     except BaseException:
         os.close(fd)

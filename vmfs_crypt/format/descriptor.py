@@ -19,6 +19,8 @@ DATA_KEY = "encryption.data"
 _ENC_LINE_RE = re.compile(rb"^[ \t]*encryption\.[^\n]*(?:\n|$)", re.MULTILINE)
 _ENC_KV_RE = re.compile(r'^[ \t]*(encryption\.[A-Za-z]+)[ \t]*=[ \t]*"([^"]*)"[ \t]*\r?$')
 _EXTENT_RE = re.compile(r'^\s*(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Z]+)\s+"([^"]+)"(?:\s+(\d+))?', re.MULTILINE)
+# The same lines in bytes, to change one extent's size without touching any other byte.
+_EXTENT_BYTES_RE = re.compile(rb'^\s*(?:RW|RDONLY|NOACCESS)\s+(\d+)\s+[A-Z]+\s+"([^"]+)"', re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,18 @@ def extents(text: bytes) -> list[Extent]:
     """The extent lines of a descriptor, in order."""
     body = text.rstrip(b"\x00").decode("utf-8", "replace")
     return [Extent(m[1], int(m[2]), m[3], m[4], int(m[5] or 0)) for m in _EXTENT_RE.finditer(body)]
+
+
+def set_extent_sectors(text: bytes, file_name: str, sectors: int) -> bytes:
+    """`text` with the size (in sectors) of every extent line naming `file_name` set to `sectors`; nothing else changes."""
+    name = file_name.encode("utf-8")
+    out, pos = [], 0
+    for m in _EXTENT_BYTES_RE.finditer(text):
+        if m.group(2) == name:
+            out += [text[pos:m.start(1)], str(sectors).encode("ascii")]
+            pos = m.end(1)
+    out.append(text[pos:])
+    return b"".join(out)
 
 
 def strip_encryption_lines(raw: bytes) -> bytes:

@@ -7,31 +7,43 @@ a mount, an in-process broker in tests); the core only ever holds DEKs, in the D
 only while a file under them is open.
 
 Locking: `_meta_lock` serialises changes to folder key files and the open-file table with
-namespace operations; each encrypted file's data is guarded by its own readers-writer lock.
-Key entries change before the visible change (create, link, rename), or are rolled back.
+namespace operations; each encrypted file's data is guarded by its own readers-writer lock
+(taken after `_meta_lock`, never before it). Key entries change before the visible change
+(create, link, rename, unlink of a descriptor), or are rolled back.
+
+Where a file's key lives (FORMAT.md 7.4) is kept true through every change (issue 7, case 8):
+a name that gets a key in the folder key file is keyed by no descriptor (whose lines would
+win), a descriptor that goes away (unlink, replaced, emptied) leaves its key to its extent
+in the folder key file, and a descriptor-keyed flat extent changes size only together with
+its extent line (case 9).
 """
 
 import errno
 import logging
 import os
+import posixpath
 import stat
 import time
 from dataclasses import dataclass
 
 from ..agent.protocol import KeyAccess
-from ..errors import DataError
-from ..format.atomicio import write_atomic
-from ..format.descriptor import (DESCRIPTOR_MAGIC, DESCRIPTOR_MAX_SIZE, encryption_lines,
-                                 insert_encryption_lines, read_descriptor)
-from ..format.folder import FOLDER_KEYS_NAME, FolderKeys, FolderState, VmFolder, check_extent_length, is_hidden_name
+from ..crypto.sectors import SECTOR_SIZE
+from ..errors import DataError, FormatError, VmfsCryptError
+from ..format.atomicio import NotRegularFile, read_regular, write_atomic
+from ..format.descriptor import (DESCRIPTOR_MAGIC, DESCRIPTOR_MAX_SIZE, Extent, encryption_lines, extents,
+                                 insert_encryption_lines, read_descriptor, read_key_record, set_extent_sectors,
+                                 strip_encryption_lines)
+from ..format.folder import (FOLDER_KEYS_MAX_SIZE, FOLDER_KEYS_NAME, FolderKeys, FolderState, VmFolder,
+                             check_extent_length, is_hidden_name)
 from ..format.keysafe import KeyRecord, KeyRef
 from ..format.kinds import FileKind, classify, classify_name
+from . import sectorio
 from .handles import DescriptorHandle, EncryptedHandle, Handle, PlainHandle
 from .keycache import DekCache
-from .namespace import check_move, is_fuse_hidden, symlink_allowed, symlink_error
+from .namespace import check_move, is_fuse_hidden, plain_symlink_allowed, symlink_allowed, symlink_error
+from ..sysutil import RENAME_NOREPLACE, renameat2
 from .datapath import choose as choose_datapath
 from .openfiles import DescriptorFile, EncryptedFile, OpenFileTable
-from ..sysutil import RENAME_NOREPLACE, renameat2
 from .tree import Entry, Tree
 
 log = logging.getLogger("vmfs_crypt.fs")
@@ -117,27 +129,106 @@ class VmfsCore:
         return DataError(folder.damage())
 
     # -- keys ----------------------------------------------------------------------------
-    def _key_record(self, folder: VmFolder, name: str, size: int, what: str) -> KeyRecord:
-        """The key record of an existing encrypted file (allocating one for an empty file without a key)."""
+    def _key_record(self, folder: VmFolder, name: str, size: int, what: str) -> tuple[KeyRecord, bytes | None]:
+        """(key record, DEK if new) of an existing encrypted file; an empty file without a key gets one.
+
+        The folder key file is parsed even when a descriptor holds the key: a broken one makes
+        the whole folder unreadable (FORMAT.md 7.3, fail closed).
+        """
+        keys = folder.load_keys()
         found = folder.descriptor_record_for(name)
         if found:
             check_extent_length(what, size, found[0], found[2])
-            return found[1]
-        record = folder.load_keys().files.get(name)
-        if record is None:
-            if size:
-                raise DataError(f"{what}: no key for this encrypted file in {FOLDER_KEYS_NAME} or a descriptor")
-            record, dek = self._allocate_key(folder, name)
-            self.deks.acquire(record, what, dek)  # keep it for the open that follows
-            self.deks.release(record)
-        return record
+            return found[1], None
+        record = keys.files.get(name)
+        if record is not None:
+            return record, None
+        if size:
+            raise DataError(f"{what}: no key for this encrypted file in {FOLDER_KEYS_NAME} or a descriptor")
+        return self._allocate_key(folder, name, what)
 
-    def _allocate_key(self, folder: VmFolder, name: str) -> tuple[KeyRecord, bytes]:
+    def _allocate_key(self, folder: VmFolder, name: str, what: str) -> tuple[KeyRecord, bytes]:
+        """A new DEK for `name`, recorded in the folder key file (and no descriptor keys `name` any more)."""
         keys = folder.load_keys()
         record, dek = self.keys.new_file_key(keys.kek)
+        self._unkey_name(folder, name, os.path.dirname(what))
         keys.files[name] = record
         folder.save_keys(keys)
         return record, dek
+
+    def _unkey_name(self, folder: VmFolder, name: str, parent_rel: str) -> list[tuple[str, bytes, int]]:
+        """Strip the key lines of every descriptor that keys `name`: a new file of that name is keyed elsewhere.
+
+        A descriptor's key lines win over the folder key file (FORMAT.md 7.4): left in place
+        they would open the new file with the old file's DEK (garbage). Returns what was
+        stripped, (path, old bytes, mode), for a rollback.
+        """
+        stripped = []
+        for _ in range(64):  # each round strips one descriptor; a folder has few
+            found = folder.descriptor_record_for(name)
+            if not found:
+                break
+            stripped.append(self._strip_descriptor_keys(folder, found[0], parent_rel))
+        return stripped
+
+    def _strip_descriptor_keys(self, folder: VmFolder, desc_name: str, parent_rel: str) -> tuple[str, bytes, int]:
+        """Remove a descriptor's key lines, at rest and in its open state; (path, old bytes, mode)."""
+        path = os.path.join(folder.backing_dir, desc_name)
+        found = read_descriptor(path)
+        st = os.lstat(path)
+        if found is not None and found.has_encryption_lines:
+            write_atomic(path, strip_encryption_lines(found.raw), stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid))
+        desc = self.files.descriptors.get(posixpath.join(parent_rel, desc_name))
+        if desc is not None:
+            with desc.lock:
+                desc.key_lines = []
+        return path, found.raw if found is not None else b"", stat.S_IMODE(st.st_mode)
+
+    def _restore_descriptors(self, stripped: list[tuple[str, bytes, int]], parent_rel: str) -> None:
+        for path, raw, mode in stripped:
+            if raw:
+                write_atomic(path, raw, mode)
+                desc = self.files.descriptors.get(posixpath.join(parent_rel, os.path.basename(path)))
+                if desc is not None:
+                    with desc.lock:
+                        desc.key_lines = encryption_lines(raw)
+
+    def _leave_key_to_extent(self, folder: VmFolder, e: Entry, key_lines: list[bytes], text: bytes) -> None:
+        """A descriptor stops holding its key (unlinked, replaced, emptied): its extent keeps it, in the folder key file.
+
+        The extent's sectors are encrypted under that key; without this the extent could no
+        longer be read (issue 7, case 8). An extent that does not exist needs no key. Damaged
+        key lines are refused (FormatError): they may be the only copy of a repairable key.
+        """
+        if not key_lines:
+            return
+        record = read_key_record(b"".join(key_lines), e.real)
+        listed = extents(text)
+        if len(listed) != 1:
+            raise FormatError(f"{e.real}: has encryption lines but {len(listed)} extents (FORMAT.md 6.2)")
+        extent = listed[0].file_name
+        if "/" in extent or extent in (".", "..") or is_hidden_name(extent):
+            return
+        try:
+            if not stat.S_ISREG(os.lstat(os.path.join(folder.backing_dir, extent)).st_mode):
+                return
+        except FileNotFoundError:
+            return
+        keys = folder.load_keys()
+        keys.files[extent] = record
+        folder.save_keys(keys)
+        log.info("%s: the key of %s moved from the descriptor to %s", e.rel, extent, FOLDER_KEYS_NAME)
+
+    def _descriptor_keys_at(self, e: Entry) -> tuple[list[bytes], bytes]:
+        """(key lines, text naming the extent) of the descriptor at `e`: its open state's lines, its stored extent lines."""
+        found = read_descriptor(e.real)
+        desc = self.files.descriptors.get(e.rel)
+        if desc is not None:
+            text = found.raw if found is not None else bytes(desc.view)
+            return list(desc.key_lines), text
+        if found is None:
+            return [], b""
+        return encryption_lines(found.raw), found.raw
 
     # -- metadata ------------------------------------------------------------------------
     def getattr(self, path: str, fh: int | None = None) -> dict:
@@ -165,30 +256,41 @@ class VmfsCore:
             try:
                 here = os.fstat(fd).st_ino
                 with os.scandir(fd) as it:
-                    entries = [(d.name, d.inode(), _dtype_mode(d)) for d in it if not is_hidden_name(d.name)]
+                    # .fuse_hidden*: files libfuse keeps for handles still open after an unlink or a
+                    # rename over them (gone at their release, which the kernel sends asynchronously)
+                    entries = [(d.name, d.inode(), _dtype_mode(d)) for d in it
+                               if not is_hidden_name(d.name) and not is_fuse_hidden(d.name)]
                 # "..": the parent's number is not ours to know at the root; any non-zero one will do.
                 return [(".", here, stat.S_IFDIR), ("..", 1, stat.S_IFDIR)] + entries
             finally:
                 os.close(fd)
 
     def readlink(self, path: str) -> str:
+        """The target of an admissible symlink; EIO (and a log line) for one the kernel must not follow (case 5)."""
         with self.tree.entry(path) as e:
             target = os.readlink(e.at, dir_fd=e.dirfd)
-            folder = self.folder_of(e)
-            if folder.state() is not FolderState.PLAIN and not self._symlink_ok(e, target):
-                log.error("%s: symlink to %r in an encrypted folder leaves the folder or changes the kind of "
-                          "what it names; not followed (replace it with the file itself)", e.rel, target)
+            if not self._symlink_ok(e, target):
+                log.error("%s: symlink to %r not followed: it leaves the datastore, or the encrypted folder it is in, "
+                          "or names a file of another kind (replace it with the file itself)", e.rel, target)
                 raise OSError(errno.EIO, "symlink not followed")
             return target
 
     def _symlink_ok(self, e: Entry, target: str) -> bool:
-        def state_of(rel_dir: str):
-            path = os.path.join(e.parent_real, rel_dir)
-            if not os.path.lexists(path):
+        """May a symlink at `e` point to `target` (plain folders: inside the datastore; encrypted: FORMAT.md 7.2)?"""
+        if self.folder_of(e).state() is FolderState.PLAIN:
+            return plain_symlink_allowed(e.rel.count("/"), target)
+
+        def state_of(rel: str, last: bool):
+            path = os.path.join(e.parent_real, rel)
+            try:
+                st = os.lstat(path)
+            except (FileNotFoundError, NotADirectoryError):
                 return None
-            if os.path.islink(path) or not os.path.isdir(path):
-                return FolderState.PLAIN
-            return VmFolder(path).state()
+            if stat.S_ISDIR(st.st_mode):
+                return VmFolder(path).state()
+            if last:
+                return None  # a file (or the next hop of a chain, checked at its own readlink)
+            return FolderState.PLAIN  # not a directory along the way (a symlink: not followed here)
         return symlink_allowed(e.name, target, state_of)
 
     def statfs(self, path: str) -> dict:
@@ -254,16 +356,31 @@ class VmfsCore:
         os.rmdir(e.at, dir_fd=e.dirfd)
 
     def rmdir(self, path: str) -> None:
+        """Remove a folder that holds nothing but our metadata; the key file goes last and comes back if rmdir fails."""
         with self.tree.entry(path) as e:
             fd = os.open(e.at, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=e.dirfd)
             try:
-                names = os.listdir(fd)
-                if any(not is_hidden_name(n) for n in names):
-                    raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY))
                 with self._meta_lock:
-                    for name in names:  # our own metadata (key file, stray temporaries)
-                        os.unlink(name, dir_fd=fd)
-                    os.rmdir(e.at, dir_fd=e.dirfd)
+                    names = os.listdir(fd)
+                    if any(not is_hidden_name(n) for n in names):
+                        raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY))
+                    keys_raw = None
+                    if FOLDER_KEYS_NAME in names:
+                        try:
+                            keys_raw = read_regular(os.path.join(e.real, FOLDER_KEYS_NAME), FOLDER_KEYS_MAX_SIZE)
+                        except NotRegularFile:
+                            raise DataError(VmFolder(e.real).damage()) from None
+                    for name in names:  # stray temporaries, the journal of a failed operation
+                        if name != FOLDER_KEYS_NAME:
+                            os.unlink(name, dir_fd=fd)
+                    if keys_raw is not None:
+                        os.unlink(FOLDER_KEYS_NAME, dir_fd=fd)
+                    try:
+                        os.rmdir(e.at, dir_fd=e.dirfd)
+                    except BaseException:
+                        if keys_raw is not None:  # a file appeared meanwhile: the folder stays encrypted
+                            write_atomic(os.path.join(e.real, FOLDER_KEYS_NAME), keys_raw, 0o600)
+                        raise
             finally:
                 os.close(fd)
 
@@ -271,7 +388,7 @@ class VmfsCore:
         with self.tree.entry(path) as e:
             if is_hidden_name(e.name):
                 raise OSError(errno.EACCES, "reserved name")
-            if self.folder_of(e).state() is not FolderState.PLAIN and not self._symlink_ok(e, target):
+            if not self._symlink_ok(e, target):
                 raise symlink_error(e.name, target)
             os.symlink(target, e.at, dir_fd=e.dirfd)
             self._chown_new(e, caller)
@@ -297,6 +414,9 @@ class VmfsCore:
                     if state is FolderState.DAMAGED:
                         raise self._damaged(folder)
                     keys = folder.load_keys()  # read (and checked) before anything changes
+                elif kind is FileKind.DESCRIPTOR:
+                    # The extent it keys stays readable: its key goes to the folder key file first.
+                    self._leave_key_to_extent(folder, e, *self._descriptor_keys_at(e))
                 os.unlink(e.at, dir_fd=e.dirfd)
                 self.files.unlinked(e.rel)
                 if keys is not None and keys.files.pop(e.name, None) is not None:
@@ -312,25 +432,68 @@ class VmfsCore:
         with self.tree.entries(old, new) as (eo, en):
             if is_hidden_name(en.name):
                 raise OSError(errno.EACCES, "reserved name")
+            if eo.rel == en.rel:
+                self._lstat(eo)
+                return  # POSIX: a rename to itself does nothing
             with self._meta_lock:
                 kind, src, src_state = self._kind(eo)
                 dst = self.folder_of(en)
                 dst_state = dst.state()
+                if flags & RENAME_NOREPLACE and os.path.lexists(en.real):
+                    raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))  # before any key changes
                 if stat.S_ISDIR(self._lstat(eo).st_mode):
                     self._rename_entry(eo, en, flags)
                     self.files.renamed(eo.rel, en.rel)
                     return
                 check_move(kind, dst_state, en.name)
-                if kind is FileKind.SPECIAL and dst_state is not FolderState.PLAIN:
-                    self._check_moved_symlink(eo, en)
-                if kind is FileKind.ENCRYPTED and not is_fuse_hidden(en.name):
+                self._check_moved_symlink(eo, en)
+                if kind is FileKind.DESCRIPTOR:
+                    self._check_descriptor_move(eo, en)
+                if is_fuse_hidden(en.name):
+                    # libfuse hides a file unlinked while open: for its key, that is the unlink
+                    if kind is FileKind.DESCRIPTOR:
+                        self._leave_key_to_extent(src, eo, *self._descriptor_keys_at(eo))
+                        self._forget_open_key_lines(eo.rel)
+                    self._rename_entry(eo, en, flags)
+                    self.files.renamed(eo.rel, en.rel)
+                    return
+                self._replacing(en, dst, dst_state)
+                if kind is FileKind.ENCRYPTED:
                     self._rename_encrypted(eo, en, src, dst, src_state, dst_state, flags)
                 else:
                     self._rename_entry(eo, en, flags)
                 self.files.renamed(eo.rel, en.rel)
                 for handle in self.files.handles():
                     if isinstance(handle, EncryptedHandle) and handle.rel == en.rel:
-                        self.datapath.rename(handle.file.lock, en.rel)
+                        self.datapath.rename(handle.file.lock, en.rel)  # names in native log records
+
+    def _forget_open_key_lines(self, rel: str) -> None:
+        desc = self.files.descriptors.get(rel)
+        if desc is not None:
+            with desc.lock:
+                desc.key_lines = []
+
+    def _replacing(self, en: Entry, dst: VmFolder, dst_state: FolderState) -> None:
+        """Before a rename replaces a descriptor that holds a key: the key goes to its extent (as at unlink)."""
+        if dst_state is FolderState.PLAIN:
+            return
+        try:
+            st = self._lstat(en)
+        except FileNotFoundError:
+            return
+        if stat.S_ISREG(st.st_mode) and classify(dst, en.name, st, dst_state) is FileKind.DESCRIPTOR:
+            self._leave_key_to_extent(dst, en, *self._descriptor_keys_at(en))
+            self._forget_open_key_lines(en.rel)
+
+    def _check_descriptor_move(self, eo: Entry, en: Entry) -> None:
+        """A descriptor with key lines stays in its folder (rename within it is fine; link never).
+
+        In another folder its lines would key a file of its extent's name there, with a DEK
+        that is not that file's (garbage), and leave its own extent without a key; in a plain
+        folder they would make that folder damaged. Copying (EXDEV) drops the lines instead.
+        """
+        if os.path.dirname(eo.rel) != os.path.dirname(en.rel) and self._descriptor_keys_at(eo)[0]:
+            raise OSError(errno.EXDEV, "a descriptor that holds its disk's key stays in its folder; copy it instead")
 
     @staticmethod
     def _rename_entry(eo: Entry, en: Entry, flags: int) -> None:
@@ -340,12 +503,17 @@ class VmfsCore:
             os.rename(eo.at, en.at, src_dir_fd=eo.dirfd, dst_dir_fd=en.dirfd)
 
     def _check_moved_symlink(self, eo: Entry, en: Entry) -> None:
+        """A symlink renamed or linked elsewhere must be admissible there (its target is relative to it)."""
         if stat.S_ISLNK(self._lstat(eo).st_mode) and not self._symlink_ok(en, os.readlink(eo.at, dir_fd=eo.dirfd)):
             raise symlink_error(en.name, os.readlink(eo.at, dir_fd=eo.dirfd))
 
     def _rename_encrypted(self, eo: Entry, en: Entry, src: VmFolder, dst: VmFolder,
                           src_state: FolderState, dst_state: FolderState, flags: int) -> None:
-        """Move the key entry with the file: the new name's entry first, the old one after the rename."""
+        """Move the key entry with the file: the new name's entry first, the old one after the rename.
+
+        A descriptor that keyed the new name (its extent, now replaced) loses its key lines
+        first, or they would open the renamed file with the replaced file's DEK.
+        """
         if FolderState.DAMAGED in (src_state, dst_state):
             raise self._damaged(src if src_state is FolderState.DAMAGED else dst)
         record = src.key_record_for(eo.name)
@@ -355,9 +523,11 @@ class VmfsCore:
         dst_keys = dst.load_keys()
         src_keys = dst_keys if same else src.load_keys()
         previous = dst_keys.files.get(en.name)
+        dst_parent = os.path.dirname(en.rel)
+        stripped = self._unkey_name(dst, en.name, dst_parent)
         dst_keys.files[en.name] = record  # bound to the file's id, not its name
-        dst.save_keys(dst_keys)
         try:
+            dst.save_keys(dst_keys)
             self._rename_entry(eo, en, flags)
         except BaseException:
             if previous is None:
@@ -365,6 +535,7 @@ class VmfsCore:
             else:
                 dst_keys.files[en.name] = previous
             dst.save_keys(dst_keys)
+            self._restore_descriptors(stripped, dst_parent)
             raise
         if src_keys.files.pop(eo.name, None) is not None:
             (dst if same else src).save_keys(src_keys)
@@ -379,11 +550,11 @@ class VmfsCore:
                 dst = self.folder_of(et)
                 dst_state = dst.state()
                 check_move(kind, dst_state, et.name)
-                if kind is FileKind.DESCRIPTOR and dst_state is not FolderState.PLAIN:
-                    # Two names for one descriptor: the mount's write-back replaces one of them.
+                if kind is FileKind.DESCRIPTOR and (dst_state is not FolderState.PLAIN or self._descriptor_keys_at(es)[0]):
+                    # Two names for one descriptor: the mount's write-back replaces one of them; and
+                    # its key lines must not key anything else (_check_descriptor_move).
                     raise OSError(errno.EXDEV, "descriptors of encrypted folders are not hard-linked")
-                if kind is FileKind.SPECIAL and dst_state is not FolderState.PLAIN:
-                    self._check_moved_symlink(es, et)
+                self._check_moved_symlink(es, et)
                 if kind is not FileKind.ENCRYPTED:
                     os.link(es.at, et.at, src_dir_fd=es.dirfd, dst_dir_fd=et.dirfd, follow_symlinks=False)
                     return
@@ -393,13 +564,16 @@ class VmfsCore:
                 if record is None:
                     raise DataError(f"{es.rel}: no key for this encrypted file")
                 keys = dst.load_keys()
+                dst_parent = os.path.dirname(et.rel)
+                stripped = self._unkey_name(dst, et.name, dst_parent)  # (a descriptor of a removed extent)
                 keys.files[et.name] = record
-                dst.save_keys(keys)
                 try:
+                    dst.save_keys(keys)
                     os.link(es.at, et.at, src_dir_fd=es.dirfd, dst_dir_fd=et.dirfd, follow_symlinks=False)
                 except BaseException:
                     keys.files.pop(et.name, None)
                     dst.save_keys(keys)
+                    self._restore_descriptors(stripped, dst_parent)
                     raise
 
     # -- opening -------------------------------------------------------------------------
@@ -412,36 +586,51 @@ class VmfsCore:
             flags = (flags & ~os.O_ACCMODE) | os.O_RDWR  # read-modify-write of partial sectors
         return flags | os.O_NOFOLLOW | os.O_CLOEXEC
 
-    def _open_encrypted(self, e: Entry, fd: int, folder: VmFolder) -> EncryptedHandle:
+    def _open_encrypted(self, e: Entry, fd: int, folder: VmFolder,
+                        new_key: tuple[KeyRecord, bytes] | None = None) -> EncryptedHandle:
+        """A handle on the shared state of the backing inode (its cipher made at the first open)."""
         st = os.fstat(fd)
         inode = (st.st_dev, st.st_ino)
         with self._meta_lock:
             shared = self.files.encrypted.get(inode)
             if shared is None:
-                record = self._key_record(folder, e.name, st.st_size, e.rel)
-                cipher = self.deks.acquire(record, e.rel)
-                lock = self.datapath.file_lock(cipher, e.rel)
-                shared = self.files.encrypted[inode] = EncryptedFile(inode, cipher, record, lock)
-                if record.keysafe.kek in self.revoked:
-                    self.datapath.set_revoked(lock, True)
+                record, dek = new_key or self._key_record(folder, e.name, st.st_size, e.rel)
+                cipher = self.deks.acquire(record, e.rel, dek)
+                shared = self.files.encrypted[inode] = self._new_encrypted_file(inode, cipher, record, e.rel)
             shared.opens += 1
-        handle = EncryptedHandle(e.rel, fd, shared, self._is_revoked)
-        # A new empty .vmdk may still turn out to be a descriptor at its first write: Python decides.
-        handle.pending = e.name.lower().endswith(".vmdk") and st.st_size == 0
-        return handle
+        return EncryptedHandle(e.rel, fd, shared, self._is_revoked)
+
+    def _new_encrypted_file(self, inode, cipher, record: KeyRecord, rel: str) -> EncryptedFile:
+        lock = self.datapath.file_lock(cipher, rel)
+        if record.keysafe.kek in self.revoked:
+            self.datapath.set_revoked(lock, True)
+        return EncryptedFile(inode, cipher, record, lock)
 
     def _add(self, handle: Handle) -> int:
-        """A new file handle, served by the compiled core from now on where it can be."""
-        fh = self.files.add(handle)
-        try:
-            if isinstance(handle, EncryptedHandle) and not handle.pending:
+        """A new file handle (served by the compiled core once its kind is decided: `_attach_if_decided`)."""
+        return self.files.add(handle)
+
+    def _attach_if_decided(self, fh: int) -> int:
+        """Let the compiled core serve `fh` unless Python must still see its first write.
+
+        An empty encrypted `.vmdk` may turn out to be a descriptor at its first write
+        (`_become_descriptor`); descriptors are always Python's.
+        """
+        handle = self.files.get(fh)
+        if isinstance(handle, EncryptedHandle):
+            handle.pending = handle.rel.lower().endswith(".vmdk") and os.fstat(handle.fd).st_size == 0
+            if not handle.pending:
                 self.datapath.attach(fh, handle.fd, handle.file.lock)
-            elif isinstance(handle, PlainHandle):
-                self.datapath.attach(fh, handle.fd, self.datapath.file_lock(None, handle.rel))
-        except BaseException:
-            self.files.pop(fh)
-            raise
+        elif isinstance(handle, PlainHandle):
+            self.datapath.attach(fh, handle.fd, self.datapath.file_lock(None, handle.rel))
         return fh
+
+    def _pend(self, shared: EncryptedFile) -> None:
+        """Every handle of `shared` goes back to Python until its next write decides (an emptied .vmdk)."""
+        for number, handle in self.files.items():
+            if isinstance(handle, EncryptedHandle) and handle.file is shared and not handle.pending:
+                self.datapath.detach(number)
+                handle.pending = True
 
     def _open_descriptor(self, e: Entry) -> DescriptorHandle:
         with self._meta_lock:
@@ -461,50 +650,73 @@ class VmfsCore:
         with self.tree.entry(path) as e:
             kind, folder, state = self._kind(e)
             if kind is FileKind.DESCRIPTOR:
-                handle = self._open_descriptor(e)
-                if flags & os.O_TRUNC:
-                    handle.truncate(0)
-                return self._add(handle)
-            if kind is FileKind.ENCRYPTED and state is FolderState.DAMAGED:
-                raise self._damaged(folder)
-            fd = os.open(e.at, self._backing_flags(flags, kind), dir_fd=e.dirfd)
-            try:
+                fh = self.files.add(self._open_descriptor(e))
+            else:
+                if kind is FileKind.ENCRYPTED and state is FolderState.DAMAGED:
+                    raise self._damaged(folder)
+                backing = self._backing_flags(flags, kind)
                 if kind is FileKind.ENCRYPTED:
-                    return self._add(self._open_encrypted(e, fd, folder))
-                return self._add(PlainHandle(e.rel, fd))
+                    backing &= ~os.O_TRUNC  # truncated below, with its key (a fresh file: case 8)
+                fd = os.open(e.at, backing, dir_fd=e.dirfd)
+                try:
+                    if kind is FileKind.ENCRYPTED:
+                        fh = self.files.add(self._open_encrypted(e, fd, folder))
+                    else:
+                        return self._attach_if_decided(self._add(PlainHandle(e.rel, fd)))
+                except BaseException:
+                    os.close(fd)
+                    raise
+        if flags & os.O_TRUNC:  # (libfuse 3 passes O_TRUNC; libfuse 2 sends a truncate after the open)
+            try:
+                self._truncate_handle(self.files.get(fh), 0)
             except BaseException:
-                os.close(fd)
+                self.release(fh)
                 raise
+        return self._attach_if_decided(fh)
 
     def create(self, path: str, mode: int, flags: int = os.O_RDWR, caller: Caller | None = None) -> int:
+        """A new file (O_CREAT). A file that exists already at rest is opened instead (O_EXCL: EEXIST).
+
+        The kernel asks the daemon to create only names it believes free; one made at rest
+        meanwhile must not get a new key under an open file's old cipher (issue 7, case 12).
+        """
         with self.tree.entry(path) as e:
             folder = self.folder_of(e)
             state = folder.state()
             kind = classify_name(state, e.name)
             if kind is FileKind.HIDDEN:
                 raise OSError(errno.EACCES, "reserved name")
-            if kind is FileKind.ENCRYPTED:
-                if state is FolderState.DAMAGED:
-                    raise self._damaged(folder)
-                with self._meta_lock:
-                    # The key entry first: a crash leaves at most an unused entry, never a file without a key.
-                    record, dek = self._allocate_key(folder, e.name)
-                    self.deks.acquire(record, e.rel, dek)
-            try:
-                fd = os.open(e.at, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
-                             dir_fd=e.dirfd)
-            except BaseException:
-                if kind is FileKind.ENCRYPTED:
-                    self.deks.release(record)
-                raise
+            new_key = None
+            with self._meta_lock:
+                exists = os.path.lexists(os.path.join(e.parent_real, e.name))
+                if not exists:
+                    if kind is FileKind.ENCRYPTED:
+                        if state is FolderState.DAMAGED:
+                            raise self._damaged(folder)
+                        previous = folder.load_keys().files.get(e.name)
+                        # The key entry first: a crash leaves at most an unused entry, never a file without a key.
+                        new_key = self._allocate_key(folder, e.name, e.rel)
+                    try:
+                        fd = os.open(e.at, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                                     dir_fd=e.dirfd)
+                    except FileExistsError:  # made at rest just now: it keeps its key
+                        exists = True
+                        if new_key is not None:
+                            keys = folder.load_keys()
+                            if previous is None:
+                                keys.files.pop(e.name, None)
+                            else:
+                                keys.files[e.name] = previous
+                            folder.save_keys(keys)
+                if exists and flags & os.O_EXCL:
+                    raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
+            if exists:
+                return self.open(path, flags & ~(os.O_CREAT | os.O_EXCL))
             try:
                 self._chown_new(e, caller)
                 if kind is not FileKind.ENCRYPTED:
-                    return self._add(PlainHandle(e.rel, fd))
-                try:
-                    return self._add(self._open_encrypted(e, fd, folder))
-                finally:
-                    self.deks.release(record)  # _open_encrypted holds its own reference
+                    return self._attach_if_decided(self._add(PlainHandle(e.rel, fd)))
+                return self._attach_if_decided(self._add(self._open_encrypted(e, fd, folder, new_key)))
             except BaseException:
                 os.close(fd)
                 raise
@@ -541,19 +753,40 @@ class VmfsCore:
 
     # -- descriptors ---------------------------------------------------------------------
     def _flush_descriptor(self, desc: DescriptorFile) -> None:
+        """Store a changed view with its key lines (atomically; the file keeps its owner); errors reach flush/fsync."""
         with desc.lock:
             if not desc.dirty or desc.deleted:
                 return
             with self.tree.entry(desc.rel) as e:
+                owner = None
                 try:
-                    desc.mode = stat.S_IMODE(os.lstat(e.at, dir_fd=e.dirfd).st_mode)
+                    st = os.lstat(e.at, dir_fd=e.dirfd)
+                    desc.mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
                 except FileNotFoundError:
                     pass
                 view = bytes(desc.view)
                 if desc.key_lines:
                     view = insert_encryption_lines(view, desc.key_lines)
-                write_atomic(e.real, view, desc.mode)
+                write_atomic(e.real, view, desc.mode, owner)
             desc.dirty = False
+
+    def _empty_descriptor(self, desc: DescriptorFile) -> None:
+        """A descriptor truncated to 0 (O_TRUNC) starts afresh: its key goes to its extent, its first write says its kind.
+
+        (issue 7, case 8: `qemu-img create` over a disk.) The extent keeps its sectors'
+        key in the folder key file, so it stays readable until it is replaced too; the
+        emptied file holds no key lines any more, and becomes a descriptor again or, if its
+        first write is not one, an encrypted file (`_become_encrypted`).
+        """
+        with self._meta_lock:
+            with self.tree.entry(desc.rel) as e, desc.lock:
+                if desc.key_lines:
+                    found = read_descriptor(e.real)
+                    text = found.raw if found is not None else bytes(desc.view)
+                    self._leave_key_to_extent(self.folder_of(e), e, desc.key_lines, text)
+                    desc.key_lines = []
+                del desc.view[:]
+                desc.dirty = True
 
     # -- data ----------------------------------------------------------------------------
     def read(self, fh: int, size: int, offset: int) -> bytes:
@@ -561,14 +794,16 @@ class VmfsCore:
 
     def write(self, fh: int, data, offset: int) -> int:
         handle = self.files.get(fh)
+        starts_descriptor = offset == 0 and bytes(data[:len(DESCRIPTOR_MAGIC)]) == DESCRIPTOR_MAGIC
+        if isinstance(handle, EncryptedHandle) and starts_descriptor and handle.rel.lower().endswith(".vmdk"):
+            handle = self._become_descriptor(fh, handle)
+        elif isinstance(handle, DescriptorHandle) and not handle.desc.view and not starts_descriptor:
+            handle = self._become_encrypted(fh, handle)
         if isinstance(handle, EncryptedHandle) and handle.pending:
-            if offset == 0 and bytes(data[:len(DESCRIPTOR_MAGIC)]) == DESCRIPTOR_MAGIC:
-                handle = self._become_descriptor(fh, handle)
-            if isinstance(handle, EncryptedHandle):
-                with self._meta_lock:
-                    if handle.pending:  # decided: an encrypted file; the compiled core serves it from now on
-                        handle.pending = False
-                        self.datapath.attach(fh, handle.fd, handle.file.lock)
+            with self._meta_lock:
+                if handle.pending and self.files.get(fh) is handle:
+                    handle.pending = False  # decided: an encrypted file; the compiled core serves it from now on
+                    self.datapath.attach(fh, handle.fd, handle.file.lock)
         return handle.write(data, offset)
 
     def _become_descriptor(self, fh: int, handle: EncryptedHandle) -> Handle:
@@ -593,9 +828,58 @@ class VmfsCore:
             self.files.replace(fh, new)
             return new
 
+    def _become_encrypted(self, fh: int, handle: DescriptorHandle) -> Handle:
+        """The mirror of `_become_descriptor`: an emptied descriptor whose first write is not a descriptor is encrypted.
+
+        (`qemu-img convert` or `cp` of a sparse VMDK over a disk's descriptor.) Every open
+        handle of it becomes a handle of the encrypted file, with a new key in the folder key
+        file; the old descriptor bytes are cut first (an empty file opens under any key).
+        """
+        with self._meta_lock:
+            if self.files.get(fh) is not handle:
+                return self.files.get(fh)
+            desc = handle.desc
+            with self.tree.entry(handle.rel) as e, desc.lock:
+                if desc.view or desc.deleted:
+                    return handle
+                folder = self.folder_of(e)
+                state = folder.state()
+                if state is FolderState.DAMAGED:
+                    raise self._damaged(folder)
+                if state is FolderState.PLAIN:  # (not reached: descriptors of plain folders are plain files)
+                    raise OSError(errno.EINVAL, "not a descriptor of an encrypted folder")
+                numbers = [n for n, h in self.files.items() if isinstance(h, DescriptorHandle) and h.desc is desc]
+                fds: list[int] = []
+                try:
+                    for _ in numbers:
+                        fds.append(os.open(e.at, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=e.dirfd))
+                    st = os.fstat(fds[0])
+                    if not stat.S_ISREG(st.st_mode):
+                        raise OSError(errno.EINVAL, "not a regular file")
+                    os.ftruncate(fds[0], 0)
+                    record, dek = self._allocate_key(folder, e.name, e.rel)
+                    inode = (st.st_dev, st.st_ino)
+                    shared = self._new_encrypted_file(inode, self.deks.acquire(record, e.rel, dek), record, e.rel)
+                except BaseException:
+                    for fd in fds:
+                        os.close(fd)
+                    raise
+                self.files.encrypted[inode] = shared
+                desc.deleted, desc.dirty, desc.opens = True, False, 0
+                if self.files.descriptors.get(desc.rel) is desc:
+                    del self.files.descriptors[desc.rel]
+                for number, fd in zip(numbers, fds):
+                    shared.opens += 1
+                    self.files.replace(number, EncryptedHandle(handle.rel, fd, shared, self._is_revoked))
+                    self.datapath.attach(number, fd, shared.lock)  # decided: not a descriptor
+                log.info("%s: its new content is not a descriptor: stored encrypted under a new key", e.rel)
+            return self.files.get(fh)
+
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+        if length < 0:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         if fh is not None:
-            self.files.get(fh).truncate(length)
+            self._truncate_handle(self.files.get(fh), length)
             return
         with self.tree.entry(path) as e:
             kind, folder, state = self._kind(e)
@@ -604,16 +888,151 @@ class VmfsCore:
         flags = os.O_WRONLY if kind is FileKind.PLAIN else os.O_RDWR
         fh = self.open(path, flags)
         try:
-            self.files.get(fh).truncate(length)
+            self._truncate_handle(self.files.get(fh), length)
         finally:
             self.release(fh)
 
-    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
-        self.files.get(fh).fallocate(mode, offset, length)
+    def _truncate_handle(self, handle: Handle, length: int) -> None:
+        if isinstance(handle, DescriptorHandle) and length == 0:
+            self._empty_descriptor(handle.desc)
+        elif isinstance(handle, EncryptedHandle):
+            self._truncate_encrypted(handle, length)
+            if length == 0 and handle.rel.lower().endswith(".vmdk"):
+                with self._meta_lock:
+                    self._pend(handle.file)  # its next first write may make it a descriptor
+        else:
+            handle.truncate(length)
+
+    def _truncate_encrypted(self, handle: EncryptedHandle, length: int) -> None:
+        """Truncate an encrypted file so that where its key lives stays true (FORMAT.md 7.4).
+
+        To 0: a fresh file. Its key leaves a descriptor that held it (which loses its key
+        lines, at rest and open), and if no other handle or name shares the file it gets a
+        new DEK: the old one, which the old contents were under, is dropped (case 8).
+        A flat extent keyed by its descriptor: the extent line's size follows (case 9).
+        """
+        handle._check("truncate")
+        with self._meta_lock, self.tree.entry(handle.rel) as e:
+            folder = self.folder_of(e)
+            found = folder.descriptor_record_for(e.name)
+            if length == 0:
+                self._truncate_to_empty(handle, e, folder, found)
+            elif found is not None and found[2].kind in ("FLAT", "VMFS"):
+                self._resize_flat_extent(handle, e, folder, found, length)
+            else:
+                handle.truncate(length)
+
+    def _truncate_to_empty(self, handle: EncryptedHandle, e: Entry, folder: VmFolder,
+                           found: tuple[str, KeyRecord, Extent] | None) -> None:
+        shared = handle.file
+        parent = os.path.dirname(e.rel)
+        if found is not None:
+            # Its key goes to the folder key file first, then leaves the descriptor: at every
+            # step some place holds the key the sectors are under.
+            keys = folder.load_keys()
+            previous = keys.files.get(e.name)
+            keys.files[e.name] = found[1]
+            folder.save_keys(keys)
+            try:
+                self._unkey_name(folder, e.name, parent)
+            except BaseException:
+                if previous is None:
+                    keys.files.pop(e.name, None)
+                else:
+                    keys.files[e.name] = previous
+                folder.save_keys(keys)
+                raise
+        handle.truncate(0)
+        if shared.opens != 1 or os.fstat(handle.fd).st_nlink != 1:
+            return  # another handle or another name (with its own key entry) shares this key: keep it
+        shared.lock.acquire_write()
+        try:
+            if os.fstat(handle.fd).st_size != 0:
+                return
+            try:
+                record, dek = self._allocate_key(folder, e.name, e.rel)
+                cipher = self.deks.acquire(record, e.rel, dek)
+            except (OSError, VmfsCryptError) as exc:  # the file is empty: its old key still opens it
+                log.warning("%s: truncated, but keeps its old key (no new one: %s)", e.rel, exc)
+                return
+            old = shared.record
+            shared.rekey(cipher, record)
+            self.datapath.set_cipher(shared.lock, cipher)
+            self.deks.release(old)
+        finally:
+            shared.lock.release_write()
+
+    def _resize_flat_extent(self, handle: EncryptedHandle, e: Entry, folder: VmFolder,
+                            found: tuple[str, KeyRecord, Extent], length: int) -> None:
+        """A descriptor-keyed flat extent changes size with its extent line, never shorter than the line says.
+
+        The extent line shrinks before the file and grows after it, so that at every step
+        the extent is at least as long as its descriptor says (FORMAT.md 7.4); a size that
+        is not whole sectors from the extent's offset on cannot be described: EINVAL.
+        """
+        desc_name, _, ext = found
+        if length % SECTOR_SIZE or length < ext.offset * SECTOR_SIZE:
+            log.error("%s: truncate to %d refused: %s describes this extent in 512-byte sectors from sector %d; "
+                      "use a multiple of 512", e.rel, length, desc_name, ext.offset)
+            raise OSError(errno.EINVAL, "a flat extent keyed by its descriptor holds whole sectors")
+        sectors = length // SECTOR_SIZE - ext.offset
+        old_size = os.fstat(handle.fd).st_size
+        parent = os.path.dirname(e.rel)
+        if sectors < ext.sectors:
+            self._set_extent_sectors(folder, desc_name, e.name, sectors, parent)
+            try:
+                handle.truncate(length)
+            except BaseException:
+                self._set_extent_sectors(folder, desc_name, e.name, ext.sectors, parent)
+                raise
+            return
+        handle.truncate(length)
+        if sectors != ext.sectors:
+            try:
+                self._set_extent_sectors(folder, desc_name, e.name, sectors, parent)
+            except BaseException:
+                handle.truncate(old_size)
+                raise
+
+    def _set_extent_sectors(self, folder: VmFolder, desc_name: str, extent: str, sectors: int, parent: str) -> None:
+        """Rewrite the size of `extent`'s line in a descriptor, at rest and in its open view."""
+        path = os.path.join(folder.backing_dir, desc_name)
+        found = read_descriptor(path)
+        if found is None:
+            raise DataError(f"{path}: the descriptor changed meanwhile; try again")
+        st = os.lstat(path)
+        write_atomic(path, set_extent_sectors(found.raw, extent, sectors), stat.S_IMODE(st.st_mode),
+                     (st.st_uid, st.st_gid))
+        desc = self.files.descriptors.get(posixpath.join(parent, desc_name))
+        if desc is not None:
+            with desc.lock:
+                desc.view[:] = set_extent_sectors(bytes(desc.view), extent, sectors)
+        log.info("%s: %s now describes %s as %d sectors", posixpath.join(parent, extent), desc_name, extent, sectors)
 
     def lseek(self, fh: int, offset: int, whence: int) -> int:
         """SEEK_DATA / SEEK_HOLE: the backing file's allocation (holes at rest are holes in plaintext)."""
         return self.files.get(fh).seek_data(offset, whence)
+
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        handle = self.files.get(fh)
+        if (isinstance(handle, EncryptedHandle) and not mode & sectorio.FALLOC_FL_KEEP_SIZE
+                and offset + length > os.fstat(handle.fd).st_size):
+            with self._meta_lock, self.tree.entry(handle.rel) as e:
+                found = self.folder_of(e).descriptor_record_for(e.name)
+                if found is not None and found[2].kind in ("FLAT", "VMFS"):
+                    # Growing a descriptor-keyed flat extent: its extent line follows (case 9).
+                    old_size = os.fstat(handle.fd).st_size
+                    self._resize_flat_extent(handle, e, self.folder_of(e), found, offset + length)
+                    try:
+                        handle.fallocate(mode | sectorio.FALLOC_FL_KEEP_SIZE, offset, length)
+                    except BaseException:
+                        grown = (found[0], found[1], Extent(found[2].access, (offset + length) // SECTOR_SIZE
+                                                            - found[2].offset, found[2].kind, found[2].file_name,
+                                                            found[2].offset))
+                        self._resize_flat_extent(handle, e, self.folder_of(e), grown, old_size)
+                        raise
+                    return
+        handle.fallocate(mode, offset, length)
 
     # -- revocation ----------------------------------------------------------------------
     def set_revoked(self, revoked: set[KeyRef]) -> set[KeyRef]:

@@ -40,6 +40,9 @@ class DataPath:
     def rename(self, lock, name: str) -> None:
         """Keep the name in native log records current."""
 
+    def set_cipher(self, lock, cipher: SectorCipher) -> None:
+        """A file got a new DEK (emptied: issue 7, case 8); the caller holds `lock` for writing."""
+
     def stats(self) -> dict:
         return {}
 
@@ -69,6 +72,9 @@ class NativeDataPath(DataPath):
 
     def rename(self, lock, name: str) -> None:
         lock.name = name
+
+    def set_cipher(self, lock, cipher: SectorCipher) -> None:
+        lock.set_cipher(cipher)
 
     def stats(self) -> dict:
         return dict(native.stats())

@@ -5,15 +5,19 @@ to errno in one place.
 """
 
 import errno
+import logging
 import os
 from typing import Callable
 
 from ..errors import KeyRevokedError
+from ..format.descriptor import DESCRIPTOR_MAGIC, DESCRIPTOR_MAX_SIZE
 from ..format.kinds import FileKind
 from ..format.keysafe import KeyRef
 from ..sysutil import libc_fallocate
 from . import sectorio
 from .openfiles import DescriptorFile, EncryptedFile
+
+log = logging.getLogger("vmfs_crypt.fs")
 
 
 def _where(op: str, offset: int) -> str:
@@ -139,17 +143,45 @@ class DescriptorHandle(Handle):
             return bytes(self.desc.view[offset:offset + size])
 
     def write(self, data, offset: int) -> int:
+        """Edit the view in memory; stored (with the key lines) at flush/fsync.
+
+        Refused: a write that makes the view stop starting with the descriptor line
+        (EINVAL: it would be stored in clear and then read as ciphertext; an emptied
+        descriptor becomes an encrypted file instead, core.write), and a view larger than a
+        descriptor is read back (EFBIG: the rest would be lost at the next open).
+        """
         desc = self.desc
+        end = offset + len(data)
         with desc.lock:
+            if end + sum(map(len, desc.key_lines)) > DESCRIPTOR_MAX_SIZE:
+                raise OSError(errno.EFBIG, f"a descriptor holds at most {DESCRIPTOR_MAX_SIZE} bytes")
+            magic_len = len(DESCRIPTOR_MAGIC)
+            if offset < magic_len:
+                head = bytearray(desc.view[:magic_len])
+                if offset > len(head):
+                    head.extend(bytes(offset - len(head)))
+                k = min(len(data), magic_len - offset)
+                head[offset:offset + k] = bytes(data[:k])
+                if not DESCRIPTOR_MAGIC.startswith(bytes(head)):
+                    log.error("%s: write at byte %d refused: it would overwrite the descriptor's first line (a "
+                              "descriptor is stored in clear); truncate the file first to replace it", self.rel, offset)
+                    raise OSError(errno.EINVAL, "this would overwrite the descriptor's first line: truncate it first")
             if offset > len(desc.view):
                 desc.view.extend(bytes(offset - len(desc.view)))
-            desc.view[offset:offset + len(data)] = data
+            desc.view[offset:end] = data
             desc.dirty = True
         return len(data)
 
     def truncate(self, length: int) -> None:
+        """Cut or extend the view (length 0 is core's business: the descriptor then starts afresh)."""
         desc = self.desc
         with desc.lock:
+            if desc.key_lines and 0 < length and b"\n" not in desc.view[:length]:
+                # its key lines go after the first line, which would be gone
+                log.error("%s: truncate to %d refused: it cuts the descriptor's first line", self.rel, length)
+                raise OSError(errno.EINVAL, "a descriptor with keys keeps its first line")
+            if length > DESCRIPTOR_MAX_SIZE:
+                raise OSError(errno.EFBIG, f"a descriptor holds at most {DESCRIPTOR_MAX_SIZE} bytes")
             if length < len(desc.view):
                 del desc.view[length:]
             else:

@@ -31,6 +31,15 @@ class EncryptedFile:
     def kek(self) -> KeyRef:
         return self.record.keysafe.kek
 
+    def rekey(self, cipher: SectorCipher, record: KeyRecord) -> None:
+        """Serve the file under a new DEK from now on: only for an empty file, with its lock held for writing.
+
+        (An emptied file's old key is dropped, issue 7 case 8.) The compiled data path's
+        file state, which is `lock`, is given the new cipher by the caller (DataPath.set_cipher).
+        """
+        self.cipher = cipher
+        self.record = record
+
 
 @dataclass
 class DescriptorFile:
@@ -89,6 +98,11 @@ class OpenFileTable:
     def handles(self) -> list:
         with self.lock:
             return list(self._handles.values())
+
+    def items(self) -> list[tuple[int, object]]:
+        """(file handle number, handle) of every open handle."""
+        with self.lock:
+            return list(self._handles.items())
 
     # -- names ---------------------------------------------------------------------------
     def renamed(self, old_rel: str, new_rel: str) -> None:

@@ -4,6 +4,7 @@ import ctypes
 import errno
 import functools
 import logging
+import os
 import threading
 
 import mfusepy
@@ -84,11 +85,19 @@ class VmfsFuse(mfusepy.FUSE):
     - rename: mfusepy drops the flags, so RENAME_EXCHANGE became a plain rename that
       destroyed the target (seen with fsstress); the flags now reach the core.
     - lseek: mfusepy has no wrapper for it; SEEK_DATA/SEEK_HOLE reach the core.
+    - truncate: the file handle of an ftruncate reaches the core.
     """
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(old.decode(self.encoding, self.errors),
                                       new.decode(self.encoding, self.errors), flags)
+
+    def truncate_fuse_3(self, path, length: int, fip) -> int:
+        # mfusepy drops the file handle here; libfuse 3 has no ftruncate, so an ftruncate of an
+        # open file arrived as a path truncate (a second open: an emptied file kept its key).
+        fh = fip.contents.fh if fip else None
+        return self.operations.truncate(None if path is None else path.decode(self.encoding, self.errors),
+                                        length, fh)
 
     def lseek(self, path, offset: int, whence: int, fip) -> int:
         fh = fip.contents.fh if fip else None
@@ -107,12 +116,19 @@ class FuseOperations(mfusepy.Operations):
         self.max_read = max_read
 
     def init_with_config(self, conn, config):
-        if conn is not None and self.max_read and mfusepy.fuse_version_major == 3:
-            # libfuse 3.14 never copies -o max_read into the connection and then refuses the
-            # INIT ("init() and fuse_session_new() requested different maximum read size").
-            conn.max_read = self.max_read
-        if self.on_init:
-            self.on_init()
+        # Not fuse_op: mfusepy re-raises whatever init raises (with a traceback), and there is
+        # no errno to answer. The one line says what failed; the mount then serves anyway.
+        _pin_thread_state()
+        try:
+            if conn is not None and mfusepy.fuse_version_major == 3:
+                if self.max_read:
+                    # libfuse 3.14 never copies -o max_read into the connection and then refuses the
+                    # INIT ("init() and fuse_session_new() requested different maximum read size").
+                    conn.max_read = self.max_read
+            if self.on_init:
+                self.on_init()
+        except Exception as exc:  # noqa: BLE001 - logged, not swallowed silently
+            log.error("init: %s: %s", type(exc).__name__, exc)
 
     @fuse_op
     def getattr(self, path, fh=None):
@@ -185,8 +201,9 @@ class FuseOperations(mfusepy.Operations):
         return self.core.open(path, flags)
 
     @fuse_op
-    def create(self, path, mode, fi=None):
-        return self.core.create(path, mode, caller=_caller())
+    def create(self, path, mode, fi=None):  # mfusepy passes the open flags as `fi`
+        flags = fi if isinstance(fi, int) else os.O_RDWR
+        return self.core.create(path, mode, flags, caller=_caller())
 
     @fuse_op
     def release(self, path, fh):
