@@ -83,14 +83,9 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
         lock_fd = os.open(self.baseFilename + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
-            try:
-                size = os.stat(self.baseFilename).st_size
-            except FileNotFoundError:
-                size = 0
-            if size < self.maxBytes:  # another agent rotated it while we waited for the lock
-                if self.stream is not None:
-                    self.stream.close()
-                    self.stream = None
+            if self.stream is not None and self._rotated_by_another():  # while we waited for the lock
+                self.stream.close()
+                self.stream = None
                 return
             super().doRollover()  # renames keep each file's 0600; the new file is made by _open
         finally:

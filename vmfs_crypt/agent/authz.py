@@ -163,8 +163,10 @@ class Access:
 
     def required(self, req: dict) -> tuple[str, str]:
         """(privilege, what it allows) for a request, or raise for a request no principal may make."""
-        op = req.get("op")
-        if (op, req.get("purpose")) in KEY_OPS:
+        op, purpose = req.get("op"), req.get("purpose")
+        if not isinstance(op, str) or not isinstance(purpose, (str, type(None))):
+            raise PermissionDeniedError(f"malformed request (op {op!r}, purpose {purpose!r}); refused")
+        if (op, purpose) in KEY_OPS:
             purpose = req["purpose"]
             return KEY_OPS[(op, purpose)], f"{_OP_TEXT[op]} for {purpose}"
         if op in _OP_TEXT:
@@ -184,6 +186,8 @@ class Access:
     def check(self, who: Principal, req: dict) -> str | None:
         """The privilege that allows `req` (None for the open requests), or raise PermissionDeniedError."""
         op = req.get("op")
+        if not isinstance(op, str):
+            raise AgentError(f"malformed request: op {op!r} is not a name")
         if op in OPEN_OPS - {p.OP_AUTHORIZE}:
             return None
         if op in MEMBER_OPS:

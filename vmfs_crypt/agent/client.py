@@ -99,7 +99,7 @@ class AgentClient:
 
     def authorize(self, privilege: str, action: str, target: str | None = None) -> dict:
         """Ask before starting a command: refused at once (and audited) if we lack `privilege`."""
-        return self.request(p.OP_AUTHORIZE, privilege=privilege, action=action, target=target)
+        return self.request(p.OP_AUTHORIZE, privilege=privilege, action=action, target=target, purpose=self.purpose)
 
     def locked(self) -> list[dict]:
         return self.request(p.OP_LOCKED)["locked"]

@@ -24,6 +24,7 @@ from ..providers.base import KeyProvider
 from ..providers.native import NativeKeyProvider
 from ..providers.registry import build_provider
 from . import protocol as p
+from .audit import AuditLog
 from .authz import Principal
 
 log = logging.getLogger("vmfs_crypt.agent")
@@ -81,7 +82,12 @@ class KeyService:
     def reload(self) -> list[str]:
         """Re-read the configuration file (on SIGHUP, 'agent reload', or when the file changed)."""
         check_config_trust(self.config.path)
-        changes = self._load_providers(load_config(self.config.path))
+        config = load_config(self.config.path)
+        # [audit] changed: write the new log from now on
+        if self.audit is not None and (config.audit, config.audit_path) != (self.config.audit, self.config.audit_path):
+            old, self.audit = self.audit, AuditLog.from_config(config)
+            old.close()
+        changes = self._load_providers(config)
         for line in changes:
             log.info("reload: %s", line)
         return changes
@@ -222,7 +228,7 @@ class KeyService:
             for ref, disks in wanted.items():
                 try:
                     self.kek(ref)
-                except ProviderError:
+                except VmfsCryptError:  # a provider outage (locked), or an audit record that failed
                     pass
                 with self._lock:
                     if ref in self._locked:
