@@ -341,6 +341,9 @@ def test_vm_operator_runs_qemu_in_a_configured_mount_and_is_refused_every_key_op
     io = s.as_user(OP, "qemu-io", "-t", "none", "-f", "vmdk", "-c", "write -P 0x5a 0 64k",
                    "-c", "read -P 0x5a 0 64k", "-c", "read -P 0 64k 64k", disk)
     assert io.rc == 0 and b"read 65536/65536 bytes" in io.out and b"Pattern verification failed" not in io.out, io
+    # again: the descriptor QEMU rewrote through the mount (a new CID) is still the group's to open
+    again = s.as_user(OP, "qemu-io", "-t", "none", "-f", "vmdk", "-c", "read -P 0x5a 0 64k", disk)
+    assert again.rc == 0 and b"read 65536/65536 bytes" in again.out, again
     # a user outside the group gets nothing from the mount
     nobody = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "head", "-c1",
                              os.path.join(s.mnt, "vm1", "disk-flat.vmdk")], capture_output=True)
@@ -729,3 +732,41 @@ def test_a_key_request_whose_audit_record_cannot_be_written_is_refused(venv_env,
     finally:
         venv_env.cleanup()
         subprocess.run(["umount", "-l", str(logs)], capture_output=True)
+
+
+@needs_root
+@pytest.mark.cli
+@pytest.mark.kmip
+def test_kmip_provider_added_by_another_user_is_kept_as_copies_and_its_paths_are_never_opened(site_):
+    """The root agent opens no path a user names: it stores the PEM files the user's CLI sends."""
+    from kmip_tls import Pki
+    s = site_
+    pki_dir = os.path.join(s.homes[CRYPT], "pki")
+    pki = Pki.create(pki_dir)
+    pw = s.users[CRYPT]
+    for name in os.listdir(pki_dir) + [""]:
+        os.chown(os.path.join(pki_dir, name), pw.pw_uid, pw.pw_gid)
+    added = s.cli(CRYPT, "provider", "add", "kmip", "kms", "--server", "127.0.0.1:1", "--cert", pki.client_cert,
+                  "--key", pki.client_key, "--ca", pki.ca_path, "--no-check")
+    assert added.rc == 0, added
+    settings = load_config(s.config).providers["kms"]
+    for field, original in (("cert", pki.client_cert), ("key", pki.client_key), ("ca", pki.ca_path)):
+        copy = settings[field]
+        assert copy == os.path.join(s.etc, "kmip-kms", f"{field}.pem")
+        st = os.stat(copy)
+        assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o600
+        assert open(copy, "rb").read() == open(original, "rb").read()
+    # a client that sends paths only (say, root's own TLS key) is refused: the agent would read them as root
+    sneaky = s.as_user(CRYPT, s.python, "-c", r"""
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rwb")
+f.write(json.dumps({"op": "provider_add", "name": "sneaky", "check": False, "settings": {
+    "type": "kmip", "servers": ["127.0.0.1:1"], "cert": sys.argv[2], "key": sys.argv[2], "ca": sys.argv[2]}}).encode()
+    + b"\n"); f.flush()
+print(f.readline().decode())
+""", s.socket, s.key_file)
+    resp = json.loads(sneaky.out)
+    assert resp["ok"] is False and "must be sent to the agent" in resp["error"], resp
+    assert "sneaky" not in load_config(s.config).providers
+    assert [r["result"] for r in records_of(s, added) if r["event"] == "provider_add"] == ["ok"]
+    assert [r["result"] for r in records_of(s, sneaky, "import json") if r["event"] == "provider_add"] == ["error"]
