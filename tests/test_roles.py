@@ -442,6 +442,19 @@ def test_vm_operator_speaking_the_protocol_gets_no_key_whatever_it_claims(site_)
     assert len(refused) == len(answers) - len(allowed)
     assert {r["event"] for r in recs if r["result"] == "ok"} == {"mount_start"}
     assert "you: root (uid 0)" in s.root.run("status").stdout.decode()  # the agent was not stopped
+
+    # a flood of refused requests cannot rotate the other records away: 200 a minute per user are recorded
+    flood = s.as_user(OP, s.python, "-c", r"""
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rwb")
+for i in range(400):
+    f.write(b'{"op": "unwrap", "purpose": "cat"}\n'); f.flush()
+    assert json.loads(f.readline())["code"] == "permission"
+""", s.socket)
+    assert flood.rc == 0, flood
+    mine = [r for r in s.records() if r.get("principal", {}).get("uid") == s.users[OP].pw_uid]
+    assert sum(r["result"] == "refused" and r["event"] != "refusals_suppressed" for r in mine) == 200
+    assert [r["count"] for r in mine if r["event"] == "refusals_suppressed"] == [200]
     assert VmFolder(os.path.join(s.ds, "vm1")).encrypted
 
 

@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 
 from ..config import PRIVILEGES
 from ..errors import AgentError, MountError, UsageError, VmfsCryptError
@@ -29,6 +30,7 @@ from .service import KeyService
 log = logging.getLogger("vmfs_crypt.agent")
 OP_HOLD = p.OP_HOLD
 MOUNT_COMMAND_TIMEOUT_S = 90.0
+REFUSAL_WINDOW_S, REFUSALS_PER_WINDOW = 60.0, 200  # refused requests recorded one by one, per uid
 # Requests that are audited when they succeed or fail (every refused request is audited).
 AUDITED = {p.OP_UNWRAP, p.OP_NEW_FILE_KEY, p.OP_NEW_KEK, p.OP_REWRAP, p.OP_PREFETCH, p.OP_UNLOCK, p.OP_RELOAD,
            p.OP_STOP, p.OP_HOLD, p.OP_AUTHORIZE, p.OP_PROVIDER_ADD, p.OP_PROVIDER_REMOVE, p.OP_PROVIDER_BACKUP,
@@ -143,6 +145,8 @@ class AgentServer(socketserver.ThreadingUnixStreamServer):
         self.holders = Holders(self._last_holder_gone)
         self._config_stamp = self._stamp()
         self._reload_lock = threading.Lock()
+        self._refusal_lock = threading.Lock()
+        self._refusals: dict[int, tuple[float, int, int]] = {}  # uid -> (window start, refusals, not recorded)
         self._apply_socket_mode()
 
     def access(self) -> Access:
@@ -246,6 +250,31 @@ class AgentServer(socketserver.ThreadingUnixStreamServer):
             out.update(changes=[str(c) for c in resp.get("changes", [])])
         return out
 
+    def _count_refusal(self, who: Principal) -> bool:
+        """Whether to record this refusal: at most REFUSALS_PER_WINDOW per uid per window.
+
+        A user flooding refused requests must not rotate the other records out of the log; what
+        is not recorded one by one is counted in a "refusals_suppressed" record.
+        """
+        now = time.monotonic()
+        with self._refusal_lock:
+            start, count, suppressed = self._refusals.get(who.uid, (now, 0, 0))
+            if now - start >= REFUSAL_WINDOW_S:
+                if suppressed:
+                    self.audit_quietly("refusals_suppressed", "refused", who, count=suppressed,
+                                       error=f"{suppressed} more refused requests in {REFUSAL_WINDOW_S:.0f} s")
+                start, count, suppressed = now, 0, 0
+            count += 1
+            record = count <= REFUSALS_PER_WINDOW
+            if not record:
+                suppressed += 1
+                if suppressed == 1:
+                    self.audit_quietly("refusals_suppressed", "refused", who, count=REFUSALS_PER_WINDOW,
+                                       error=f"more than {REFUSALS_PER_WINDOW} refused requests in "
+                                             f"{REFUSAL_WINDOW_S:.0f} s: the next ones are counted, not recorded")
+            self._refusals[who.uid] = (start, count, suppressed)
+        return record
+
     # -- requests ------------------------------------------------------------------------
     def dispatch(self, req: dict, who: Principal) -> dict:
         op = req.get("op")
@@ -260,8 +289,9 @@ class AgentServer(socketserver.ThreadingUnixStreamServer):
                 pass
             fields = self._request_fields(req, None)
             fields["privilege"] = fields.get("privilege") or needed
-            log.warning("refused %s from %s: %s", op, who.describe(), exc)
-            self.audit_quietly(_text(op) or "?", "refused", who, error=str(exc), **fields)
+            if self._count_refusal(who):
+                log.warning("refused %s from %s: %s", op, who.describe(), exc)
+                self.audit_quietly(_text(op) or "?", "refused", who, error=str(exc), **fields)
             return p.error_response(exc)
         resp = self._run(op, req, who)
         if op in AUDITED:
