@@ -233,6 +233,8 @@ def site_(users):
     s = Site(base, users)
     try:
         s.root.run("provider", "add", "native", "local")
+        s.write_roles()
+        s.root.run("agent", "start")
         vm1 = os.path.join(s.ds, "vm1")
         os.makedirs(vm1)
         s.root.run("create", os.path.join(vm1, "disk.vmdk"), "--size", "1M")
@@ -242,8 +244,6 @@ def site_(users):
             f.write(PATTERN)
         s.root.run("encrypt", vm2)
         s.share_datastore()
-        s.write_roles()
-        s.root.run("agent", "start")
         yield s
     finally:
         s.close()
@@ -783,3 +783,24 @@ print(f.readline().decode())
     assert "sneaky" not in load_config(s.config).providers
     assert [r["result"] for r in records_of(s, added) if r["event"] == "provider_add"] == ["ok"]
     assert [r["result"] for r in records_of(s, sneaky, "import json") if r["event"] == "provider_add"] == ["error"]
+
+
+def test_malformed_requests_are_refused_and_audited_not_crashed(tmp_path):
+    """What a hostile client may send (wrong types everywhere) gets an answer and an audit record."""
+    from vmfs_crypt.agent.server import AgentServer
+    from vmfs_crypt.agent.service import KeyService
+    config = _config(tmp_path, '[roles.vm-operator]\nusers = ["bob"]\n[audit]\nsyslog = "off"\n')
+    audit = AuditLog.from_config(config)
+    server = AgentServer(str(tmp_path / "s.sock"), KeyService(config, audit), sidecar=False)
+    try:
+        bob = _principal()
+        for req in [{"op": ["unwrap"]}, {"op": "unwrap", "purpose": {"x": 1}, "keySafe": 5, "data": [1]},
+                    {"op": "unwrap", "purpose": "cat", "keySafe": {"a": 1}}, {"op": "prefetch", "keys": "x"},
+                    {"op": "rewrap", "purpose": "rekey", "keySafe": None, "provider": [1]}, {"op": None},
+                    {"op": "authorize", "privilege": ["cat"]}, {"op": "mount_start", "name": {"a": 1}}]:
+            resp = server.dispatch(req, bob)
+            assert resp["ok"] is False and resp["code"] in ("permission", "agent", "usage"), (req, resp)
+        records, bad = read_records(config.audit_path)
+        assert bad == 0 and [r["result"] for r in records] == ["refused"] * 7 + ["error"]  # mount_start: allowed
+    finally:
+        server.server_close()

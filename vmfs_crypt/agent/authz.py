@@ -178,7 +178,7 @@ class Access:
             return OP_PRIVILEGE[op], str(op).replace("_", " ")
         if op == p.OP_AUTHORIZE:
             priv = req.get("privilege")
-            if priv not in PRIVILEGES:
+            if not isinstance(priv, str) or priv not in PRIVILEGES:
                 raise AgentError(f"authorize: unknown privilege {priv!r} (known: {', '.join(PRIVILEGES)})")
             return str(priv), str(req.get("action") or PRIVILEGES[priv])
         raise AgentError(f"unknown request {op!r}")

@@ -206,6 +206,12 @@ class AgentServer(socketserver.ThreadingUnixStreamServer):
 
     def _request_fields(self, req: dict, resp: dict | None) -> dict:
         """What the audit record says about a request: names and ids, never a key, a passphrase or a backup."""
+        try:
+            return self._fields_of(req, resp)
+        except (VmfsCryptError, TypeError, ValueError, AttributeError, KeyError):  # a malformed request
+            return {"purpose": _text(req.get("purpose")), "target": "(malformed request)"}
+
+    def _fields_of(self, req: dict, resp: dict | None) -> dict:
         op = req.get("op")
         resp = resp or {}
         out: dict = {"purpose": _text(req.get("purpose"))}
