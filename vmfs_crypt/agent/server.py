@@ -217,11 +217,14 @@ class AgentServer(socketserver.ThreadingUnixStreamServer):
         out: dict = {"purpose": _text(req.get("purpose"))}
         what = req.get("what")
         if op in (p.OP_UNWRAP, p.OP_REWRAP):
-            try:
-                ref = p.record_from(req, "audit").keysafe.kek
-                out.update(provider=ref.provider_id, key_id=ref.key_id)
-            except VmfsCryptError:
-                pass
+            if isinstance(resp.get("kek"), dict):  # the service names the KEK it used
+                out.update(provider=_text(resp["kek"].get("provider")), key_id=_text(resp["kek"].get("keyId")))
+            else:  # refused or failed: read it from the request
+                try:
+                    ref = p.record_from(req, "audit").keysafe.kek
+                    out.update(provider=ref.provider_id, key_id=ref.key_id)
+                except VmfsCryptError:
+                    pass
             out.update(file=_text(what), folder=_folder_of(what))
             if op == p.OP_REWRAP:
                 out.update(to_provider=_text(req.get("provider")), to_key_id=_text(req.get("keyId")))

@@ -210,7 +210,8 @@ class KeyService:
         what = str(req.get("what", "file"))
         record = p.record_from(req, what)
         dek = record.open(self.kek(record.keysafe.kek, what), what)
-        return {"dek": p.secret_to_wire(dek)}
+        # The KEK it was under (names, not keys): the audit record says it without parsing the record again
+        return {"dek": p.secret_to_wire(dek), "kek": record.keysafe.kek.to_json()}
 
     def op_prefetch(self, req: dict) -> dict:
         """Fetch each listed KEK once (at mount time); failures become locked disks, never an error."""
@@ -269,7 +270,7 @@ class KeyService:
         record = p.record_from(req, what)
         dek = record.open(self.kek(record.keysafe.kek), what)
         ref = p.kek_from(req, what)
-        return KeyRecord.seal(ref, self.kek(ref), dek, record.data).as_json()
+        return dict(KeyRecord.seal(ref, self.kek(ref), dek, record.data).as_json(), kek=record.keysafe.kek.to_json())
 
     def op_reload(self, req: dict) -> dict:
         return {"changes": self.reload()}
