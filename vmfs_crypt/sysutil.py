@@ -2,6 +2,7 @@
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import resource
 import socket
@@ -60,3 +61,23 @@ def renameat2(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str, flags: int) 
     if _libc.renameat2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), dst)
+
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+; Python 3.11 does not name it
+NGROUPS_MAX = 65536
+
+
+def peer_groups(sock: socket.socket) -> tuple[int, ...]:
+    """The supplementary groups of the peer's credentials at connect time, from the kernel (SO_PEERGROUPS).
+
+    Race-free, unlike reading /proc/PID/status of a pid that may have exited and been reused.
+    """
+    size = 4 * 256
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+            return struct.unpack(f"{len(raw) // 4}I", raw[:len(raw) // 4 * 4])
+        except OSError as exc:
+            if exc.errno != errno.ERANGE or size >= 4 * NGROUPS_MAX:
+                raise
+            size = 4 * NGROUPS_MAX

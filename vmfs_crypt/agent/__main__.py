@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 
-from ..config import load_config
+from ..config import check_config_trust, load_config
 from ..errors import VmfsCryptError
 from ..procs import ReadyPipe
 from ..sysutil import disable_core_dumps
@@ -31,7 +31,14 @@ def main(argv: list[str] | None = None) -> int:
             raise VmfsCryptError(f"an agent is already running on {args.socket}")
         if os.path.lexists(args.socket):
             os.unlink(args.socket)
-        service = KeyService(load_config(args.config))
+        from .audit import AuditLog
+        check_config_trust(args.config)  # the roles are in it: only our own user or root may change it
+        config = load_config(args.config)
+        try:
+            audit = AuditLog.from_config(config)
+        except OSError as exc:
+            raise VmfsCryptError(f"cannot open the audit log {config.audit_path}: {exc.strerror or exc}") from None
+        service = KeyService(config, audit)
     except VmfsCryptError as exc:
         logging.getLogger("vmfs_crypt.agent").error("%s", exc)
         ready.error(exc)

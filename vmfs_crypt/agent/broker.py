@@ -15,8 +15,8 @@ class InProcessKeys:
     def unwrap(self, record: KeyRecord, what: str) -> bytes:
         return p.secret_from_wire(self._call(p.OP_UNWRAP, what=what, **p.record_fields(record))["dek"], what)
 
-    def new_file_key(self, kek: KeyRef) -> tuple[KeyRecord, bytes]:
-        resp = self._call(p.OP_NEW_FILE_KEY, **p.kek_fields(kek))
+    def new_file_key(self, kek: KeyRef, what: str | None = None) -> tuple[KeyRecord, bytes]:
+        resp = self._call(p.OP_NEW_FILE_KEY, what=what, **p.kek_fields(kek))
         return p.record_from(resp, "new key"), p.secret_from_wire(resp["dek"], "new key")
 
     def new_kek(self, provider: str | None, label: str) -> KeyRef:

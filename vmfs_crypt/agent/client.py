@@ -2,7 +2,8 @@
 
 Before it sends anything it checks who listens (SO_PEERCRED): the agent must run as our own
 uid or as root, so a socket planted by another user never receives a request or hands out a
-key (issue 7, case 3).
+key (issue 7, case 3). Each key request states the client's purpose (issue 11: the agent
+checks the privilege of that purpose against our kernel credentials).
 """
 
 import os
@@ -21,9 +22,10 @@ STOP_TIMEOUT_S = 15.0
 class AgentClient:
     """Talks to the agent; one connection per thread, reconnecting after an agent restart."""
 
-    def __init__(self, socket_path: str, timeout_s: float = 60.0) -> None:
+    def __init__(self, socket_path: str, timeout_s: float = 60.0, purpose: str | None = None) -> None:
         self.socket_path = socket_path
         self.timeout_s = timeout_s
+        self.purpose = purpose  # why this client asks for keys: mount, cat, create, encrypt, decrypt, rekey
         self._local = threading.local()
 
     def _connect(self) -> socket.socket:
@@ -79,19 +81,25 @@ class AgentClient:
 
     # -- KeyAccess -----------------------------------------------------------------------
     def unwrap(self, record: KeyRecord, what: str) -> bytes:
-        resp = self.request(p.OP_UNWRAP, what=what, **p.record_fields(record))
+        resp = self.request(p.OP_UNWRAP, what=what, purpose=self.purpose, **p.record_fields(record))
         return p.secret_from_wire(resp.get("dek"), what)
 
     def new_kek(self, provider: str | None, label: str) -> KeyRef:
-        return p.kek_from(self.request(p.OP_NEW_KEK, provider=provider, label=label), "new KEK")
+        return p.kek_from(self.request(p.OP_NEW_KEK, provider=provider, label=label, purpose=self.purpose),
+                          "new KEK")
 
-    def new_file_key(self, kek: KeyRef) -> tuple[KeyRecord, bytes]:
-        resp = self.request(p.OP_NEW_FILE_KEY, **p.kek_fields(kek))
+    def new_file_key(self, kek: KeyRef, what: str | None = None) -> tuple[KeyRecord, bytes]:
+        resp = self.request(p.OP_NEW_FILE_KEY, what=what, purpose=self.purpose, **p.kek_fields(kek))
         return p.record_from(resp, "new key"), p.secret_from_wire(resp.get("dek"), "new key")
 
     def rewrap(self, record: KeyRecord, kek: KeyRef, what: str) -> KeyRecord:
-        resp = self.request(p.OP_REWRAP, what=what, **p.kek_fields(kek), **p.record_fields(record))
+        resp = self.request(p.OP_REWRAP, what=what, purpose=self.purpose, **p.kek_fields(kek),
+                            **p.record_fields(record))
         return p.record_from(resp, what)
+
+    def authorize(self, privilege: str, action: str, target: str | None = None) -> dict:
+        """Ask before starting a command: refused at once (and audited) if we lack `privilege`."""
+        return self.request(p.OP_AUTHORIZE, privilege=privilege, action=action, target=target, purpose=self.purpose)
 
     def locked(self) -> list[dict]:
         return self.request(p.OP_LOCKED)["locked"]
@@ -112,7 +120,7 @@ class AgentClient:
             try:
                 self.request(p.OP_STOP, force=force)
             except VmfsCryptError as exc:
-                if exc.code == "in-use":
+                if exc.code in ("in-use", "permission"):  # a refusal, not an agent already gone
                     raise
             self.close()
             # Handler threads of open connections outlive the listener until the process exits:

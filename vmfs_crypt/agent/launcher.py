@@ -15,6 +15,7 @@ from ..config import Config
 from ..errors import AgentError
 from ..procs import raise_for, spawn_detached
 from ..runtime import ensure_runtime_dir
+from .authz import PURPOSE_PRIVILEGE
 from .client import AgentClient
 
 START_TIMEOUT_S = 20.0
@@ -73,19 +74,31 @@ def shared_agent(config: Config, sidecar: bool) -> tuple[str, bool]:
 
 
 @contextlib.contextmanager
-def agent_session(config: Config):
-    """A client of the running agent, or of a private sidecar that lives as long as this command."""
-    client = AgentClient(config.agent_socket)
+def agent_session(config: Config, purpose: str | None = None, privilege: str | None = None,
+                  action: str | None = None, target: str | None = None):
+    """A client of the running agent, or of a private sidecar that lives as long as this command.
+
+    Its key requests state `purpose`; before anything else the agent is asked whether we hold
+    `privilege` (the purpose's, by default), so a refused command stops before it touches a
+    file, with one line naming the privilege, and the attempt is in the audit log (issue 11).
+    """
+    privilege = privilege or PURPOSE_PRIVILEGE.get(purpose or "")
+    action = action or (f"{purpose} {target}" if purpose and target else purpose)
+    client = AgentClient(config.agent_socket, purpose=purpose)
     if client.alive():
         try:
+            if privilege:
+                client.authorize(privilege, action or privilege, target)
             yield client
         finally:
             client.close()
         return
     sock = os.path.join(ensure_runtime_dir(), f"cmd-{os.getpid()}.sock")
     spawn_agent(config, sock, sidecar=True, hold_pid=os.getpid())
-    private = AgentClient(sock)
+    private = AgentClient(sock, purpose=purpose)
     try:
+        if privilege:
+            private.authorize(privilege, action or privilege, target)
         yield private
     finally:
         private.stop(force=True)

@@ -5,6 +5,9 @@ an object with "op" and the operation's fields; a response has "ok": true and th
 fields, or "ok": false with "error" (a message for the user) and "code" (the stable code of a
 `VmfsCryptError` class, so the client raises the class the agent raised). Secrets (DEKs)
 travel base64-encoded, only to peers that passed the agent's credential check.
+
+Key requests (unwrap, new_file_key, new_kek, rewrap) carry "purpose": why the client asks
+(agent/authz.py maps (op, purpose) to the privilege the peer must hold; issue 11).
 """
 
 import base64
@@ -21,7 +24,7 @@ MAX_MESSAGE = 1 << 20
 OP_PING = "ping"
 OP_UNWRAP = "unwrap"  # fields: what, keySafe, data -> dek
 OP_NEW_KEK = "new_kek"  # provider, label -> provider, keyId
-OP_NEW_FILE_KEY = "new_file_key"  # provider, keyId -> keySafe, data, dek
+OP_NEW_FILE_KEY = "new_file_key"  # provider, keyId, what? -> keySafe, data, dek
 OP_REWRAP = "rewrap"  # what, keySafe, data, provider, keyId -> keySafe, data
 OP_PREFETCH = "prefetch"  # keys: [{provider, keyId, disks}], budget_s -> keys, fetched, pending, locked
 OP_LOCKED = "locked"  # -> locked: [...]
@@ -29,6 +32,16 @@ OP_UNLOCK = "unlock"  # -> unlocked, locked
 OP_STATUS = "status"  # -> pid, providers, default_provider, cached_keks, locked, warnings, clients
 OP_RELOAD = "reload"  # -> providers, errors
 OP_STOP = "stop"  # force -> (the agent stops)
+OP_HOLD = "hold"  # what: a description -> the peer's pid is a holder until it exits
+OP_WHOAMI = "whoami"  # -> the peer as the agent sees it: uid, user, groups, roles, privileges, owner
+OP_AUTHORIZE = "authorize"  # privilege, action, target -> ok, or refused (a command asks before it starts)
+OP_PROVIDER_ADD = "provider_add"  # name, settings, pem?, check -> key_file?, default, probe
+OP_PROVIDER_REMOVE = "provider_remove"  # name -> default
+OP_PROVIDER_BACKUP = "provider_backup"  # name, passphrase, target -> backup (the sealed document)
+OP_PROVIDER_RESTORE = "provider_restore"  # name, backup, passphrase, source -> key_file
+OP_SET_POLICY = "set_policy"  # default_provider? | provider + on_revoke -> default_provider, providers
+OP_MOUNT_START = "mount_start"  # name (a [mounts.NAME] table) -> mountpoint, message
+OP_MOUNT_STOP = "mount_stop"  # name -> mountpoint, message
 
 
 def encode(message: dict) -> bytes:
@@ -91,7 +104,7 @@ class KeyAccess(Protocol):
 
     def unwrap(self, record: KeyRecord, what: str) -> bytes: ...
 
-    def new_file_key(self, kek: KeyRef) -> tuple[KeyRecord, bytes]: ...
+    def new_file_key(self, kek: KeyRef, what: str | None = None) -> tuple[KeyRecord, bytes]: ...
 
     def new_kek(self, provider: str | None, label: str) -> KeyRef: ...
 

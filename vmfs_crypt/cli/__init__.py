@@ -8,7 +8,7 @@ from .. import __version__
 from ..crypto.native import native, reason
 from ..errors import ExitCode, VmfsCryptError
 from ..sysutil import disable_core_dumps
-from . import agent, disk, mount, provider
+from . import agent, audit, disk, mount, policy, provider
 from .common import Ctx
 
 DATA_PATH = f"native, {reason}" if native is not None else f"python, {reason}"
@@ -26,7 +26,7 @@ def cli(ctx, config_path):
     ctx.obj = Ctx(config_path)
 
 
-for command in disk.COMMANDS + mount.COMMANDS + agent.COMMANDS:
+for command in disk.COMMANDS + mount.COMMANDS + agent.COMMANDS + audit.COMMANDS + policy.COMMANDS:
     cli.add_command(command)
 cli.add_command(provider.provider)
 

@@ -40,11 +40,21 @@ def agent_stop(c, force):
     click.echo("agent stopped")
 
 
+def _echo_whoami(me: dict) -> None:
+    if me["owner"]:
+        click.echo(f"  you: {me['user']} (uid {me['uid']}), the agent's own user or root: every privilege")
+    else:
+        click.echo(f"  you: {me['user']} (uid {me['uid']}), roles {', '.join(me['roles']) or 'none'}: "
+                   f"privileges {', '.join(me['privileges']) or 'none'}")
+
+
 def _echo_status(c, client: AgentClient) -> list[dict]:
+    me = client.request("whoami")
     st = client.request("status")
     locked = client.locked()
     click.echo(f"agent {st['pid']} on {c.config.agent_socket}: {st['cached_keks']} key(s) cached, "
                f"{len(locked)} locked")
+    _echo_whoami(me)
     for p in st["providers"]:
         extra = f" servers {', '.join(p['servers'])}, on_revoke={p['on_revoke']}" if p.get("servers") else ""
         broken = f" BROKEN: {p['error']}" if p.get("error") else ""

@@ -1,6 +1,7 @@
 """Disk and folder commands: create, encrypt, decrypt, rekey, info, cat."""
 
 import json
+import os
 
 import click
 
@@ -32,7 +33,7 @@ def parse_size(text: str) -> int:
 def create(c, disk, size, provider):
     """Create a thin encrypted disk DISK.vmdk (descriptor plus flat extent)."""
     nbytes = parse_size(size)
-    with agent_session(c.config) as agent:
+    with agent_session(c.config, "create", target=os.path.abspath(disk)) as agent:
         result = lifecycle.create_disk(disk, nbytes, agent, provider)
     click.echo(f"created {result.descriptor} ({nbytes} bytes) with extent {result.extent}, "
                f"key {result.kek.key_id} of provider {result.kek.provider_id}")
@@ -45,7 +46,7 @@ def create(c, disk, size, provider):
 @pass_ctx
 def encrypt(c, path, provider):
     """Encrypt an existing disk or VM folder (the whole folder: see README)."""
-    with agent_session(c.config) as agent:
+    with agent_session(c.config, "encrypt", target=os.path.abspath(path)) as agent:
         result = lifecycle.encrypt_folder(path, agent, provider, progress)
     done = result.files
     click.echo(f"{result.folder}: encrypted {len(done)} file(s){': ' + ', '.join(done) if done else ''}"
@@ -58,7 +59,7 @@ def encrypt(c, path, provider):
 @pass_ctx
 def decrypt(c, path):
     """Decrypt an encrypted disk's VM folder back to plaintext."""
-    with agent_session(c.config) as agent:
+    with agent_session(c.config, "decrypt", target=os.path.abspath(path)) as agent:
         result = lifecycle.decrypt_folder(path, agent, progress)
     click.echo(f"{result.folder}: decrypted {len(result.files)} file(s)")
 
@@ -70,7 +71,7 @@ def decrypt(c, path):
 @pass_ctx
 def rekey(c, path, deep, provider):
     """Rekey a VM folder: shallow (new KEK, instant) or --deep (new DEKs, data rewritten)."""
-    with agent_session(c.config) as agent:
+    with agent_session(c.config, "rekey", target=os.path.abspath(path)) as agent:
         result = lifecycle.rekey_folder(path, agent, provider, deep, progress)
     old, new = result.old_kek, result.new_kek
     click.echo(f"{result.folder}: {'deep' if deep else 'shallow'} rekey of {len(result.files)} file(s): "
@@ -114,7 +115,7 @@ def info(path, as_json):
 def cat(c, file):
     """Write the plaintext of one file (e.g. a core dump) to standard output."""
     out = click.get_binary_stream("stdout")
-    with agent_session(c.config) as agent:
+    with agent_session(c.config, "cat", target=os.path.abspath(file)) as agent:
         lifecycle.cat_file(file, agent, out.write)
     out.flush()
 

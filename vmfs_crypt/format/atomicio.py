@@ -62,7 +62,7 @@ def read_regular(path: str, max_size: int) -> bytes:
 
 
 def write_atomic(path: str, data: bytes, mode: int = 0o600, owner: tuple[int, int] | None = None) -> None:
-    """Replace `path` with `data` so that a crash leaves either the old or the new content.
+    """Replace `path` with `data` so that a crash leaves either the old or the new content; the file gets exactly `mode`.
 
     `owner` (uid, gid): give the new file the owner of the file it replaces (a descriptor
     rewritten by the mount keeps its owner, e.g. libvirt's qemu user).
@@ -73,6 +73,9 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600, owner: tuple[int, in
     tmp = os.path.join(dir_path, f"{ATOMIC_TMP_PREFIX}{os.path.basename(path)}.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
+        # Exactly `mode`, whatever the umask: a descriptor QEMU rewrites through the mount keeps
+        # its 0660 (its group's QEMU must open it again; issue 11's vm-operator test).
+        os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]

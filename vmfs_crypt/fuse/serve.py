@@ -122,12 +122,12 @@ def run_mount(config: Config, datastore: str, mountpoint: str, agent_socket: str
         for note in recover_datastore(datastore):
             log.info("%s", note)
         if agent_socket:
-            agent = AgentClient(agent_socket)
+            agent = AgentClient(agent_socket, purpose="mount")  # issue 11: the agent checks the mount privilege
             if not agent.alive():
                 raise MountError(f"no key agent answers on {agent_socket} (given by --agent)")
         else:
             sock, _ = shared_agent(config, sidecar=True)
-            agent = AgentClient(sock)
+            agent = AgentClient(sock, purpose="mount")
         # A sidecar agent stops when its last holder (mount) exits; a named agent is not stopped by us.
         agent.hold(f"mount of {os.path.realpath(datastore)} at {os.path.realpath(mountpoint)}")
         prefetch_keys(datastore, agent)

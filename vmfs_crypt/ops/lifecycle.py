@@ -93,7 +93,7 @@ def create_disk(vmdk_path: str, size: int, keys: KeyAccess, provider: str | None
                 raise UsageError(f"{folder.backing_dir} holds unencrypted files ({', '.join(plain[:3])}); "
                                  f"run 'vmfs-crypt encrypt {folder.backing_dir}' first")
         folder_keys = _folder_keys(folder, keys, provider)
-        record, dek = keys.new_file_key(folder_keys.kek)
+        record, dek = keys.new_file_key(folder_keys.kek, tx.path(extent_name))
         del dek
         fd = os.open(tx.stage(extent_name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
@@ -135,7 +135,7 @@ def encrypt_folder(path: str, keys: KeyAccess, provider: str | None, progress: P
         desc_records: dict[str, KeyRecord] = {}
         with progress(sum(f.size for f in todo), "encrypting") as bar:
             for f in todo:
-                record, dek = keys.new_file_key(folder_keys.kek)
+                record, dek = keys.new_file_key(folder_keys.kek, tx.path(f.name))
                 transform_file(tx.path(f.name), tx.stage(f.name), None, SectorCipher(dek), bar.update)
                 del dek
                 owner = owners.get(f.name)
@@ -198,7 +198,7 @@ def rekey_folder(path: str, keys: KeyAccess, provider: str | None, deep: bool, p
                 found = folder.descriptor_record_for(f.name)
                 record = found[1] if found else old_keys.files[f.name]
                 if deep:
-                    new_record, dek = keys.new_file_key(new_kek)
+                    new_record, dek = keys.new_file_key(new_kek, what)
                     transform_file(what, tx.stage(f.name), SectorCipher(keys.unwrap(record, what)),
                                    SectorCipher(dek), bar.update)
                     del dek

@@ -137,8 +137,8 @@ class NativeKeyProvider(KeyProvider):
     def _backup_key(passphrase: bytes, salt: bytes) -> bytes:
         return Scrypt(salt=salt, length=32, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P).derive(passphrase)
 
-    def backup(self, backup_path: str, passphrase: bytes) -> None:
-        """Write the primary key, sealed with AES-256-GCM under scrypt(passphrase), to `backup_path`."""
+    def sealed_backup(self, passphrase: bytes) -> bytes:
+        """The backup document: the primary key sealed with AES-256-GCM under scrypt(passphrase)."""
         if len(passphrase) < 8:
             raise ConfigError("the backup passphrase must be at least 8 characters")
         salt, nonce = secrets.token_bytes(16), secrets.token_bytes(12)
@@ -148,13 +148,19 @@ class NativeKeyProvider(KeyProvider):
                   "nonce": base64.b64encode(nonce).decode()}
         aad = json.dumps(header, sort_keys=True).encode("utf-8")
         sealed = AESGCM(self._backup_key(passphrase, salt)).encrypt(nonce, self._primary_key(), aad)
-        doc = dict(header, sealed=base64.b64encode(sealed).decode())
-        write_atomic(backup_path, json.dumps(doc, indent=1).encode("utf-8"), 0o600)
-        write_atomic(self.backup_marker, f"{backup_path}\n".encode("utf-8"), 0o600)
+        return json.dumps(dict(header, sealed=base64.b64encode(sealed).decode()), indent=1).encode("utf-8")
+
+    def mark_backed_up(self, where: str) -> None:
+        """Record that a backup exists (it silences the 'no backup' warning)."""
+        write_atomic(self.backup_marker, f"{where}\n".encode("utf-8"), 0o600)
+
+    def backup(self, backup_path: str, passphrase: bytes) -> None:
+        """Write the sealed backup document to `backup_path` (0600)."""
+        write_atomic(backup_path, self.sealed_backup(passphrase), 0o600)
+        self.mark_backed_up(backup_path)
 
     @staticmethod
-    def restore(name: str, key_file: str, backup_path: str, passphrase: bytes) -> "NativeKeyProvider":
-        """Recreate a primary key file from a backup (refusing to overwrite a different key)."""
+    def read_backup(backup_path: str) -> bytes:
         try:
             fd = open_regular(backup_path)
         except FileNotFoundError:
@@ -162,9 +168,23 @@ class NativeKeyProvider(KeyProvider):
         except NotRegularFile:
             raise ConfigError(f"{backup_path}: not a regular file") from None
         try:
-            doc = _parse_key_doc(read_fd(fd, KEY_FILE_MAX_SIZE), backup_path, BACKUP_FORMAT, _BACKUP_MEMBERS)
+            return read_fd(fd, KEY_FILE_MAX_SIZE)
         finally:
             os.close(fd)
+
+    @staticmethod
+    def restore(name: str, key_file: str, backup_path: str, passphrase: bytes) -> "NativeKeyProvider":
+        """Recreate a primary key file from a backup file (refusing to overwrite a different key)."""
+        return NativeKeyProvider.restore_document(name, key_file, NativeKeyProvider.read_backup(backup_path),
+                                                  backup_path, passphrase)
+
+    @staticmethod
+    def restore_document(name: str, key_file: str, raw: bytes, backup_path: str,
+                         passphrase: bytes) -> "NativeKeyProvider":
+        """Recreate a primary key file from a backup document (`backup_path`: where it came from, for messages)."""
+        if len(raw) > KEY_FILE_MAX_SIZE:
+            raise FormatError(f"{backup_path}: not a backup file (longer than {KEY_FILE_MAX_SIZE} bytes)")
+        doc = _parse_key_doc(raw, backup_path, BACKUP_FORMAT, _BACKUP_MEMBERS)
         kdf = doc["kdf"]
         # Only the parameters we write: a crafted file must not make scrypt take unbounded memory.
         if (not isinstance(kdf, dict) or set(kdf) != {"name", "n", "r", "p", "salt"} or kdf["name"] != "scrypt"
