@@ -8,13 +8,15 @@ replace it with a decrypted copy), so a crafted or damaged journal can neither m
 out of the folder nor destroy keys.
 """
 
+import errno
 import json
 import os
 
-from ..errors import FormatError
+from ..errors import FormatError, InUseError
 from .atomicio import ATOMIC_TMP_PREFIX, NotRegularFile, fsync_dir, read_regular, write_atomic
 from .descriptor import read_descriptor
 from .folder import HIDDEN_PREFIX, JOURNAL_NAME, TMP_PREFIX, FolderKeys, VmFolder
+from .oplock import FolderOpLock
 from .strict import check_members, exact_int, json_object
 
 JOURNAL_VERSION = 1
@@ -129,13 +131,43 @@ def _keyed_files(folder: VmFolder, finals: dict[str, str], with_key_file: bool) 
     return names
 
 
-def recover(folder: VmFolder) -> str | None:
-    """Finish or undo an interrupted operation in this folder; say what was done."""
+def _strays(folder: VmFolder) -> list[str]:
+    return [n for n in os.listdir(folder.backing_dir)
+            if n.startswith((TMP_PREFIX, ATOMIC_TMP_PREFIX, "." + HIDDEN_PREFIX))]
+
+
+def recover(folder: VmFolder, lock_held: bool = False) -> str | None:
+    """Finish or undo an interrupted operation in this folder; say what was done.
+
+    Temporary files are only leftovers when no operation is running: unless the caller holds
+    the folder's operation lock (format/oplock.py), it is taken here whenever there is
+    something to do, and a folder that another operation is changing is left alone.
+    """
+    if not lock_held:
+        if not os.path.lexists(journal_path(folder)) and not _strays(folder):
+            return None
+        try:
+            lock = FolderOpLock(folder.backing_dir, "recovery of an interrupted operation")
+            lock.acquire()
+        except InUseError as exc:
+            return f"{folder.backing_dir}: not recovered now: {exc}"
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            lock = None  # a read-only folder: no operation can be writing in it either
+        try:
+            return _recover(folder)
+        finally:
+            if lock is not None:
+                lock.release()
+    return _recover(folder)
+
+
+def _recover(folder: VmFolder) -> str | None:
     if os.path.lexists(journal_path(folder)):
         _apply(folder, read_journal(folder))
         return f"{folder.backing_dir}: finished an interrupted operation"
-    stray = [n for n in os.listdir(folder.backing_dir)
-             if n.startswith((TMP_PREFIX, ATOMIC_TMP_PREFIX, "." + HIDDEN_PREFIX))]
+    stray = _strays(folder)
     for name in stray:
         os.unlink(os.path.join(folder.backing_dir, name))
     return f"{folder.backing_dir}: removed {len(stray)} incomplete temporary files" if stray else None
