@@ -24,6 +24,17 @@ def _log_path(sock: str) -> str:
     return (sock[:-len(".sock")] if sock.endswith(".sock") else sock) + ".log"
 
 
+def agent_socket(config: Config) -> str:
+    """The configuration's agent socket, after checking (or creating) the private runtime directory it lies in.
+
+    Checked before anything connects there: a directory another user made, or a looser one,
+    is refused with the reason (issue 7, case 3).
+    """
+    if not config.agent.socket:
+        ensure_runtime_dir()
+    return config.agent_socket
+
+
 def spawn_agent(config: Config, sock: str, sidecar: bool, hold_pid: int | None = None) -> int:
     """Start a detached agent listening on `sock`; return its pid once it listens."""
     if not config.agent.socket:
@@ -47,7 +58,7 @@ def spawn_agent(config: Config, sock: str, sidecar: bool, hold_pid: int | None =
 
 @contextlib.contextmanager
 def _start_lock(config: Config):
-    lock_path = config.agent_socket + ".lock"
+    lock_path = agent_socket(config) + ".lock"
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -58,9 +69,7 @@ def _start_lock(config: Config):
 
 def shared_agent(config: Config, sidecar: bool) -> tuple[str, bool]:
     """(socket, started): the configuration's agent, started now (as a sidecar if asked) when none answers."""
-    if not config.agent.socket:
-        ensure_runtime_dir()
-    sock = config.agent_socket
+    sock = agent_socket(config)
     if AgentClient(sock).alive():
         return sock, False
     with _start_lock(config):
@@ -75,7 +84,7 @@ def shared_agent(config: Config, sidecar: bool) -> tuple[str, bool]:
 @contextlib.contextmanager
 def agent_session(config: Config):
     """A client of the running agent, or of a private sidecar that lives as long as this command."""
-    client = AgentClient(config.agent_socket)
+    client = AgentClient(agent_socket(config))
     if client.alive():
         try:
             yield client
