@@ -28,12 +28,15 @@ def journal_path(folder: VmFolder) -> str:
     return os.path.join(folder.backing_dir, JOURNAL_NAME)
 
 
-def commit(folder: VmFolder, renames: list[tuple[str, str]], keys: FolderKeys | None) -> None:
+def commit(folder: VmFolder, renames: list[tuple[str, str]], keys: FolderKeys | None,
+           on_committed=None) -> None:
     """Atomically switch a folder to new files and a new key file (None: no key file, a plain folder).
 
     All new files are complete and fsynced before this is called. Writing the journal is the
     commit point; `recover` rolls a committed journal forward after a crash, and removes
     uncommitted temporary files otherwise: an interruption leaves the old state or the new one.
+    `on_committed` is called once the journal is written: from then on the staged files belong
+    to the journal, and a failure while applying it must leave them for recovery.
     """
     doc = {"version": JOURNAL_VERSION, "renames": [list(r) for r in renames],
            "keys": keys.to_bytes().decode("utf-8") if keys else None}
@@ -43,6 +46,8 @@ def commit(folder: VmFolder, renames: list[tuple[str, str]], keys: FolderKeys | 
         raise FormatError(f"{exc}; refusing to commit, nothing was changed (did another program change the "
                           "folder meanwhile?)") from None
     write_atomic(journal_path(folder), json.dumps(doc).encode("utf-8"), 0o600)
+    if on_committed is not None:
+        on_committed()
     _apply(folder, doc)
 
 
@@ -181,7 +186,8 @@ def _is_data_file(path: str, name: str) -> bool:
         st = os.lstat(path)
     except FileNotFoundError:
         return False
-    return stat.S_ISREG(st.st_mode) and not is_plaintext_name(name) and read_descriptor(path) is None
+    return (stat.S_ISREG(st.st_mode) and not is_hidden_name(name) and not is_plaintext_name(name)
+            and read_descriptor(path) is None)
 
 
 def _current_key_file(folder: VmFolder, path: str) -> bytes | None:

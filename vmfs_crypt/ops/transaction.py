@@ -74,5 +74,9 @@ class FolderTransaction:
     def commit(self, keys: FolderKeys | None) -> None:
         if self._guard is not None:
             self._guard.check_again()
-        commit(self.folder, self.renames, keys)
+        commit(self.folder, self.renames, keys, on_committed=self._committed)
+
+    def _committed(self) -> None:
+        # The journal is written: the staged files are its own now. Should applying it fail,
+        # they stay for recovery (deleting them would leave new keys over old contents).
         self.committed = True
