@@ -420,7 +420,7 @@ while True:
 """
 
 
-class Victim:
+class CliUser:
     """A user with a config, a native provider and a VM folder of its own; the CLI as that user."""
 
     def __init__(self, user) -> None:
@@ -462,7 +462,7 @@ def victim_and_attacker():
     with unix_user("victim") as victim_user, unix_user("attack") as attacker:
         if os.path.isdir(f"/run/user/{victim_user.uid}"):
             pytest.skip(f"/run/user/{victim_user.uid} exists: the victim's runtime directory is not under /tmp")
-        victim = Victim(victim_user)
+        victim = CliUser(victim_user)
         try:
             yield victim, attacker
         finally:
@@ -507,8 +507,15 @@ def test_a_fake_agent_of_another_user_receives_nothing(victim_and_attacker, tmp_
                      ["create", os.path.join(victim.vm, "new.vmdk"), "--size", "1M"],
                      ["mount", victim.ds, os.path.join(victim.user.home, "mnt"), "--agent", victim.socket]):
             outcomes.append((args, *_timed(lambda: victim.run(*args, timeout=60))))
+    # A victim with a private runtime directory, pointing its mount at the attacker's socket: the
+    # mount process itself must check who serves it.
+    victim.env["VMFS_CRYPT_CONFIG"] = victim.config
+    victim.env["XDG_RUNTIME_DIR"] = victim.user.mkdir(os.path.join(victim.user.home, "run"))
+    args = ["mount", victim.ds, os.path.join(victim.user.home, "mnt"), "--agent", victim.socket]
+    outcomes.append((args, *_timed(lambda: victim.run(*args, timeout=60))))
     received = open(log, "rb").read() if os.path.exists(log) else b""
     assert b"received" not in received, f"the fake agent got requests: {received[:800]!r}"
+    assert f"uid {attacker.uid}".encode() in outcomes[-1][1].stderr, outcomes[-1][1].stderr
     assert hashes(victim.vm) == before
     for args, proc, took in outcomes:
         err = assert_clean_error(proc)
@@ -539,6 +546,23 @@ def test_the_unix_user_helper_creates_runs_as_and_removes():
     with pytest.raises(KeyError):
         pwd.getpwnam(name)
     assert not os.path.exists(home)
+
+
+@pytest.mark.cli
+@pytest.mark.fuse
+def test_a_mount_of_another_user_refuses_deep_operations_of_one_who_cannot_see_into_it(venv_env):
+    """Fail closed: a user who cannot look into the mount process cannot know what it holds open."""
+    with unix_user("owner") as owner:
+        user = CliUser(owner)
+        try:
+            with mounted(venv_env, None, datastore=user.ds):  # root's mount, without allow_other
+                before = hashes(user.vm)
+                proc = user.run("encrypt", user.vm)
+                assert_clean_error(proc, "whose open files you cannot see", code=11)
+                assert hashes(user.vm) == before
+            assert user.run("encrypt", user.vm).returncode == 0
+        finally:
+            shutil.rmtree(user.runtime_dir, ignore_errors=True)
 
 
 # -- case 6: a folder whose key file is gone is damaged, not plain -----------------------------

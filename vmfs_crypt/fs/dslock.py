@@ -78,7 +78,8 @@ class DatastoreLock:
         self.fd = -1
 
     def acquire(self, mountpoint: str) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        # World-readable: other users' commands must be able to see that the datastore is mounted.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -91,6 +92,8 @@ class DatastoreLock:
             os.close(fd)
             raise InUseError(f"{os.path.dirname(self.path)} cannot be mounted: {overlap}; two mounts would serve the "
                              "same folders: unmount it first")
+        if os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, 0o644)  # whatever the umask made of it
         os.ftruncate(fd, 0)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "mountpoint": os.path.realpath(mountpoint)}
         os.pwrite(fd, json.dumps(info).encode(), 0)

@@ -93,6 +93,19 @@ def folder_mounts(folder_dir: str) -> tuple[list[MountView], list[str]]:
                                    pid if isinstance(pid, int) else None))
     seen = {v.datastore for v in views}
     unseen = []
+    for v in views:
+        # Fail closed: a mount whose process or view we cannot look into may hold anything open.
+        try:
+            if v.pid is None:
+                raise PermissionError
+            os.listdir(f"/proc/{v.pid}/fd")
+            os.listdir(v.folder_view)
+        except PermissionError:
+            who = f"pid {v.pid}" if v.pid else "a process you cannot identify"
+            unseen.append(f"{v.datastore} is mounted at {v.mountpoint} by {who}, whose open files you cannot see "
+                          "(run this as root or as the mount's user)")
+        except OSError:
+            pass  # the mount process just ended, or the folder is not in the mount (yet): nothing held there
     for ds in _ancestors(folder_dir):
         if ds in seen or not os.path.lexists(os.path.join(ds, LOCK_NAME)):
             continue
