@@ -66,9 +66,6 @@ class Holder:
     mount: str | None = None  # the mount point when it is held through a vmfs-crypt mount
     internal: bool = False  # only the mount process holds the backing file (its client is unseen, or closing)
 
-    def where(self) -> str:
-        return f"through the vmfs-crypt mount at {self.mount}" if self.mount else "at rest"
-
 
 def _ancestors(path: str) -> list[str]:
     out = [path]
