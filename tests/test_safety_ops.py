@@ -29,6 +29,25 @@ NESTED = b"[" * 100000
 
 
 # -- helpers -------------------------------------------------------------------------------
+@pytest.fixture
+def venv_env(venv_env):
+    """conftest's environment, and no agent of it left running afterwards (an older CLI under
+    VMFS_TEST_REPO may not stop its agents: they are ended here, each by its pid)."""
+    yield venv_env
+    venv_env.run("agent", "stop", "--force", check=False, timeout=30)
+    for pid in _agents_of(venv_env):
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            os.kill(pid, signal.SIGTERM)
+            if not select.select([fd], [], [], 10)[0]:
+                os.kill(pid, signal.SIGKILL)
+        finally:
+            os.close(fd)
+
+
 def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.01):
     """Poll `condition` until it returns something true (a condition with a deadline, not a sleep)."""
     deadline = time.monotonic() + timeout_s
