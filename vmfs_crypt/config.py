@@ -289,6 +289,8 @@ def load_config(path: str | None = None) -> Config:
         return Config(path=path)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML (nested too deeply)") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the configuration ({exc.strerror})") from None
     version = doc.get("version", CONFIG_VERSION)

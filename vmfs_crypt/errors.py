@@ -94,6 +94,12 @@ class AgentError(VmfsCryptError):
     exit_code = ExitCode.AGENT
 
 
+class UntrustedAgentError(AgentError):
+    """The agent socket is served by a process of another user: never send it anything (issue 7, case 3)."""
+
+    code = "agent-untrusted"
+
+
 class MountError(VmfsCryptError):
     """A mount or unmount failed."""
 

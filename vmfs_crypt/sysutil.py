@@ -3,6 +3,7 @@
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import resource
 import socket
@@ -81,3 +82,34 @@ def peer_groups(sock: socket.socket) -> tuple[int, ...]:
             if exc.errno != errno.ERANGE or size >= 4 * NGROUPS_MAX:
                 raise
             size = 4 * NGROUPS_MAX
+def proc_cmdline(pid: int, limit: int = 200) -> str:
+    """A process's command line as one line (at most `limit` characters), "?" when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read(4 * limit)
+    except OSError:
+        return "?"
+    text = raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    if not text:  # a kernel thread or a zombie: its name
+        try:
+            with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+                text = f"[{f.read().strip()}]"
+        except OSError:
+            return "?"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid
+
+
+def posix_lock_conflict(fd: int, exclusive: bool) -> tuple[bool, int] | None:
+    """(exclusive, pid) of a POSIX record lock that would block ours on the whole file (F_GETLK), or None.
+
+    The pid is the holder's as the kernel knows it (0 or meaningless for a lock held by
+    another NFS client).
+    """
+    wanted = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
+    l_type, _, _, _, l_pid = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, _FLOCK.pack(wanted, 0, 0, 0, 0)))
+    if l_type == fcntl.F_UNLCK:
+        return None
+    return l_type == fcntl.F_WRLCK, l_pid

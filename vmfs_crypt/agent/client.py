@@ -11,7 +11,7 @@ import select
 import socket
 import threading
 
-from ..errors import AgentError, VmfsCryptError
+from ..errors import AgentError, UntrustedAgentError, VmfsCryptError
 from ..format.keysafe import KeyRecord, KeyRef
 from ..sysutil import peer_credentials
 from . import protocol as p
@@ -40,9 +40,10 @@ class AgentClient:
         peer = peer_credentials(sock)
         if peer.uid not in (os.geteuid(), 0):
             sock.close()
-            raise AgentError(f"{self.socket_path} is served by process {peer.pid} of uid {peer.uid}, not by you "
-                             f"(uid {os.geteuid()}) or root: refusing to use it (someone may be trying to catch "
-                             "your keys); remove the socket and start your agent again")
+            raise UntrustedAgentError(
+                f"{self.socket_path} is served by process {peer.pid} of uid {peer.uid}, not by you (uid "
+                f"{os.geteuid()}) or root: refusing to use it (another user may be trying to catch your keys); "
+                "remove the socket (as root if need be) and start your agent again")
         return sock
 
     def request(self, op: str, **fields) -> dict:
@@ -67,9 +68,13 @@ class AgentClient:
         return p.raise_for_response(p.decode(line, f"answer of the agent on {self.socket_path}"))
 
     def alive(self) -> bool:
+        """Whether an agent answers; a socket of another user's process is an error, not "no agent"."""
         try:
             self.request(p.OP_PING)
             return True
+        except UntrustedAgentError:
+            self.close()
+            raise
         except (AgentError, OSError):
             return False
 

@@ -25,6 +25,17 @@ def _log_path(sock: str) -> str:
     return (sock[:-len(".sock")] if sock.endswith(".sock") else sock) + ".log"
 
 
+def agent_socket(config: Config) -> str:
+    """The configuration's agent socket, after checking (or creating) the private runtime directory it lies in.
+
+    Checked before anything connects there: a directory another user made, or a looser one,
+    is refused with the reason (issue 7, case 3).
+    """
+    if not config.agent.socket:
+        ensure_runtime_dir()
+    return config.agent_socket
+
+
 def spawn_agent(config: Config, sock: str, sidecar: bool, hold_pid: int | None = None) -> int:
     """Start a detached agent listening on `sock`; return its pid once it listens."""
     if not config.agent.socket:
@@ -48,7 +59,7 @@ def spawn_agent(config: Config, sock: str, sidecar: bool, hold_pid: int | None =
 
 @contextlib.contextmanager
 def _start_lock(config: Config):
-    lock_path = config.agent_socket + ".lock"
+    lock_path = agent_socket(config) + ".lock"
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -59,9 +70,7 @@ def _start_lock(config: Config):
 
 def shared_agent(config: Config, sidecar: bool) -> tuple[str, bool]:
     """(socket, started): the configuration's agent, started now (as a sidecar if asked) when none answers."""
-    if not config.agent.socket:
-        ensure_runtime_dir()
-    sock = config.agent_socket
+    sock = agent_socket(config)
     if AgentClient(sock).alive():
         return sock, False
     with _start_lock(config):
@@ -84,7 +93,7 @@ def agent_session(config: Config, purpose: str | None = None, privilege: str | N
     """
     privilege = privilege or PURPOSE_PRIVILEGE.get(purpose or "")
     action = action or (f"{purpose} {target}" if purpose and target else purpose)
-    client = AgentClient(config.agent_socket, purpose=purpose)
+    client = AgentClient(agent_socket(config), purpose=purpose)
     if client.alive():
         try:
             if privilege:

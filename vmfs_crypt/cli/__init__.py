@@ -33,8 +33,10 @@ cli.add_command(provider.provider)
 
 def main(argv=None) -> int:
     try:
-        cli.main(args=argv, prog_name="vmfs-crypt", standalone_mode=False)
-        return ExitCode.OK
+        status = cli.main(args=argv, prog_name="vmfs-crypt", standalone_mode=False)
+        # A command that ends with click.exceptions.Exit(code) (e.g. `info` of a damaged folder,
+        # after its report) comes back here as that code.
+        return int(status) if isinstance(status, int) else ExitCode.OK
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return ExitCode.INTERRUPTED

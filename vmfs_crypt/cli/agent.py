@@ -5,7 +5,7 @@ import time
 import click
 
 from ..agent.client import AgentClient
-from ..agent.launcher import spawn_agent
+from ..agent.launcher import agent_socket, spawn_agent
 from ..errors import AgentError
 from .common import pass_ctx, running_agent
 
@@ -19,12 +19,10 @@ def agent():
 @pass_ctx
 def agent_start(c):
     """Start a key agent for this configuration (it runs until 'agent stop')."""
-    if AgentClient(c.config.agent_socket).alive():
-        raise AgentError(f"an agent already runs on {c.config.agent_socket}")
-    from ..runtime import ensure_runtime_dir
-    if not c.config.agent.socket:
-        ensure_runtime_dir()
-    pid = spawn_agent(c.config, c.config.agent_socket, sidecar=False)
+    sock = agent_socket(c.config)
+    if AgentClient(sock).alive():
+        raise AgentError(f"an agent already runs on {sock}")
+    pid = spawn_agent(c.config, sock, sidecar=False)
     click.echo(f"agent {pid} listening on {c.config.agent_socket}")
 
 
@@ -33,7 +31,7 @@ def agent_start(c):
 @pass_ctx
 def agent_stop(c, force):
     """Stop the key agent (open disks keep their keys; new opens need an agent)."""
-    client = AgentClient(c.config.agent_socket)
+    client = AgentClient(agent_socket(c.config))
     if not client.alive():
         raise AgentError(f"no agent runs on {c.config.agent_socket}")
     client.stop(force=force)

@@ -5,6 +5,7 @@ import sys
 import click
 
 from ..agent.client import AgentClient
+from ..agent.launcher import agent_socket
 from ..config import Config, load_config
 from ..errors import AgentError
 from ..providers.native import NativeKeyProvider
@@ -27,7 +28,7 @@ pass_ctx = click.make_pass_decorator(Ctx)
 
 def running_agent(config: Config) -> AgentClient:
     """The configuration's running agent, or a clear error saying how to get one."""
-    client = AgentClient(config.agent_socket)
+    client = AgentClient(agent_socket(config))
     if not client.alive():
         raise AgentError(f"no key agent runs for {config.path} (socket {config.agent_socket}); "
                          "it runs while a datastore is mounted, or after 'vmfs-crypt agent start'")

@@ -7,7 +7,7 @@ import click
 
 from ..agent.launcher import agent_session
 from ..crypto.sectors import SECTOR_SIZE
-from ..errors import UsageError
+from ..errors import ERROR_CLASSES, UsageError
 from ..ops import inspect, lifecycle
 from .common import pass_ctx, progress, warn_backup
 
@@ -101,12 +101,19 @@ def info(path, as_json):
     result = inspect.info(path)
     if as_json:
         click.echo(json.dumps(result, indent=2))
-        return
-    _echo_folder(result)
-    if result["backing_path"] != result["path"]:
-        click.echo(f"  (through the mount: at rest {result['backing_path']})")
-    for sub in result.get("folders", []):
-        _echo_folder(sub, "  ")
+    else:
+        _echo_folder(result)
+        if result["backing_path"] != result["path"]:
+            click.echo(f"  (through the mount: at rest {result['backing_path']})")
+        for sub in result.get("folders", []):
+            _echo_folder(sub, "  ")
+    damaged = [r for r in [result, *result.get("folders", [])] if r.get("damage_code")]
+    if damaged:
+        # The report is complete; the exit status says that something in it needs repair.
+        first = damaged[0]
+        more = f" (and {len(damaged) - 1} more damaged folder(s))" if len(damaged) > 1 else ""
+        click.echo(f"vmfs-crypt: {first['folder']} is damaged{more}: {first['damage']}", err=True)
+        raise click.exceptions.Exit(ERROR_CLASSES[first["damage_code"]].exit_code)
 
 
 @click.command()

@@ -121,9 +121,10 @@ class VmFolder:
         """Why a DAMAGED folder cannot be used, and how to repair it (for logs, errors and `info`)."""
         journal = os.path.join(self.backing_dir, JOURNAL_NAME)
         if os.path.lexists(journal):
-            return (f"{journal}: an interrupted operation could not be finished (the journal is damaged or was "
-                    "not written by vmfs-crypt); nothing was changed: inspect the folder and remove the journal "
-                    "by hand")
+            from .journal import journal_problem  # journal.py builds on this module
+            return journal_problem(self) or (
+                f"{journal}: an interrupted operation is not finished yet; the next mount or offline operation "
+                "of this folder finishes it")
         what = "is not a regular file" if os.path.lexists(self.keys_path) else "is missing"
         return (f"{self.keys_path} {what}, but descriptors in {self.backing_dir} carry encryption lines: "
                 "the folder's keys are lost; restore the key file from a backup copy (and the provider "

@@ -8,13 +8,16 @@ replace it with a decrypted copy), so a crafted or damaged journal can neither m
 out of the folder nor destroy keys.
 """
 
+import errno
 import json
 import os
+import stat
 
-from ..errors import FormatError
+from ..errors import FormatError, InUseError
 from .atomicio import ATOMIC_TMP_PREFIX, NotRegularFile, fsync_dir, read_regular, write_atomic
 from .descriptor import read_descriptor
-from .folder import HIDDEN_PREFIX, JOURNAL_NAME, TMP_PREFIX, FolderKeys, VmFolder
+from .folder import FOLDER_KEYS_MAX_SIZE, HIDDEN_PREFIX, JOURNAL_NAME, TMP_PREFIX, FolderKeys, VmFolder, is_hidden_name, is_plaintext_name
+from .oplock import FolderOpLock
 from .strict import check_members, exact_int, json_object
 
 JOURNAL_VERSION = 1
@@ -25,17 +28,26 @@ def journal_path(folder: VmFolder) -> str:
     return os.path.join(folder.backing_dir, JOURNAL_NAME)
 
 
-def commit(folder: VmFolder, renames: list[tuple[str, str]], keys: FolderKeys | None) -> None:
+def commit(folder: VmFolder, renames: list[tuple[str, str]], keys: FolderKeys | None,
+           on_committed=None) -> None:
     """Atomically switch a folder to new files and a new key file (None: no key file, a plain folder).
 
     All new files are complete and fsynced before this is called. Writing the journal is the
     commit point; `recover` rolls a committed journal forward after a crash, and removes
     uncommitted temporary files otherwise: an interruption leaves the old state or the new one.
+    `on_committed` is called once the journal is written: from then on the staged files belong
+    to the journal, and a failure while applying it must leave them for recovery.
     """
     doc = {"version": JOURNAL_VERSION, "renames": [list(r) for r in renames],
            "keys": keys.to_bytes().decode("utf-8") if keys else None}
-    check_journal(folder, doc, journal_path(folder))
+    try:
+        check_journal(folder, doc, journal_path(folder), committing=True)
+    except FormatError as exc:
+        raise FormatError(f"{exc}; refusing to commit, nothing was changed (did another program change the "
+                          "folder meanwhile?)") from None
     write_atomic(journal_path(folder), json.dumps(doc).encode("utf-8"), 0o600)
+    if on_committed is not None:
+        on_committed()
     _apply(folder, doc)
 
 
@@ -58,84 +70,216 @@ def _plain_name(name) -> bool:
 
 
 def read_journal(folder: VmFolder) -> dict:
-    """The journal, validated before anything is touched."""
+    """The journal, validated before anything is touched (FormatError says why it is refused)."""
     path = journal_path(folder)
     try:
         raw = read_regular(path, JOURNAL_MAX_SIZE)
     except NotRegularFile:
-        raise FormatError(f"{path}: the journal is not a regular file; inspect the folder by hand") from None
-    doc = json_object(raw, path)
-    check_members(doc, {"version", "renames", "keys"}, path)
+        raise FormatError(f"{path}: the journal is not a regular file; {RECOVERY_HINT}") from None
+    try:
+        doc = json_object(raw, path)
+        check_members(doc, {"version", "renames", "keys"}, path)
+    except FormatError as exc:
+        raise FormatError(f"{exc}; {RECOVERY_HINT}") from None
     if not exact_int(doc["version"], JOURNAL_VERSION):
-        raise FormatError(f"{path}: journal version {doc['version']!r} is not supported; upgrade vmfs-crypt")
-    check_journal(folder, doc, path)
+        raise FormatError(f"{path}: journal version {doc['version']!r} is not supported (an operation of a newer "
+                          "vmfs-crypt was interrupted); finish it with that version, nothing was changed")
+    try:
+        check_journal(folder, doc, path)
+    except FormatError as exc:
+        raise FormatError(f"{exc}; {RECOVERY_HINT}") from None
     return doc
 
 
-def check_journal(folder: VmFolder, doc: dict, path: str) -> None:
-    """Refuse a journal that vmfs-crypt would not write (FORMAT.md 7.6)."""
+def journal_problem(folder: VmFolder) -> str | None:
+    """Why the folder's journal would be refused (None: there is none, or it is a valid interrupted operation)."""
+    if not os.path.lexists(journal_path(folder)):
+        return None
+    try:
+        read_journal(folder)
+    except (FormatError, OSError) as exc:
+        return str(exc)
+    return None
+
+
+def _reject(path: str, why: str) -> FormatError:
+    return FormatError(f"{path}: {why}")
+
+
+RECOVERY_HINT = ("vmfs-crypt does not write such a journal (it is damaged or crafted): nothing was changed, and the "
+                 "folder's encrypted files are refused until it is inspected by hand and the journal removed")
+
+
+def check_journal(folder: VmFolder, doc: dict, path: str, committing: bool = False) -> None:
+    """Refuse a journal that vmfs-crypt would not write (FORMAT.md 7.6), before anything is touched.
+
+    vmfs-crypt's journals rename `.vmfs-crypt-tmp.NAME` to NAME (a data file or a descriptor,
+    never a plaintext kind or our own metadata), and keep every key: a file that has a key now
+    keeps the same data record unless the journal replaces the file itself, and a folder
+    becomes plain (keys null) only with every keyed file replaced by its decrypted copy.
+    `committing`: the journal is about to be written, so every temporary file must exist.
+    """
     renames = doc["renames"]
     if not isinstance(renames, list) or not all(
-            isinstance(r, list) and len(r) == 2 and all(_plain_name(n) for n in r) and r[0].startswith(TMP_PREFIX)
-            and not r[1].startswith(HIDDEN_PREFIX) for r in renames):
-        raise FormatError(f"{path}: malformed renames in the journal of an interrupted operation; "
-                          "inspect the folder by hand before continuing")
-    finals = {final: tmp for tmp, final in renames}
-    if len(finals) != len(renames):
-        raise FormatError(f"{path}: the journal renames two files to one name")
-    new_keys = None
-    if doc["keys"] is not None:
-        if not isinstance(doc["keys"], str):
-            raise FormatError(f"{path}: malformed keys in the journal")
-        new_keys = FolderKeys.from_bytes(doc["keys"].encode("utf-8"), f"{path} (new folder key file)")
-    # Every file that has a key now must have one afterwards, or be replaced by the journal
-    # (with its decrypted copy, when the folder becomes plain).
-    old = _keyed_files(folder, {}, with_key_file=True)
-    after = _keyed_files(folder, finals, with_key_file=False) if new_keys is not None else set()
-    if new_keys is not None:
-        after |= set(new_keys.files)
-    for name in sorted(old):
-        if not os.path.lexists(os.path.join(folder.backing_dir, name)) and name not in finals:
-            continue
-        if name not in after and not (new_keys is None and name in finals):
-            raise FormatError(f"{path}: applying this journal would leave {name} without its key; "
-                              "it was not written by vmfs-crypt: inspect the folder by hand (nothing was changed)")
-
-
-def _keyed_files(folder: VmFolder, finals: dict[str, str], with_key_file: bool) -> set[str]:
-    """Names that have a key in descriptors (as they will be after `finals`), and in the current key file if asked."""
-    names: set[str] = set()
-    if with_key_file:
-        try:
-            names |= set(folder.load_keys().files)
-        except FormatError:
-            pass  # no usable key file now: nothing of it can be lost
-    try:
-        entries = sorted(os.listdir(folder.backing_dir))
-    except OSError:
-        return names
-    for entry in entries:
-        if not entry.lower().endswith(".vmdk") or entry.startswith(HIDDEN_PREFIX):
-            continue
-        source = finals.get(entry, entry)
-        desc = read_descriptor(os.path.join(folder.backing_dir, source))
-        if desc is not None and desc.has_encryption_lines:
-            names |= {e.file_name for e in desc.extents}
+            isinstance(r, list) and len(r) == 2 and all(_plain_name(n) for n in r) for r in renames):
+        raise _reject(path, "malformed renames")
+    finals: dict[str, str] = {}
+    for tmp, final in renames:
+        if tmp != TMP_PREFIX + final or is_hidden_name(final):
+            raise _reject(path, f"it renames {tmp!r} to {final!r} (only {TMP_PREFIX}NAME to NAME is allowed, and "
+                          "never to vmfs-crypt's own files)")
+        if is_plaintext_name(final):
+            raise _reject(path, f"it replaces {final}, a plaintext kind vmfs-crypt never rewrites")
+        if final in finals:
+            raise _reject(path, f"it renames two files to {final}")
+        finals[final] = tmp
+    keys = doc["keys"]
+    if keys is not None and not isinstance(keys, str):
+        raise _reject(path, "malformed keys")
+    new_keys = FolderKeys.from_bytes(keys.encode("utf-8"), f"{path} (new folder key file)") if keys is not None \
+        else None
+    d = folder.backing_dir
+    pending = {}  # final -> True when its temporary file is still there (not renamed yet)
     for final, tmp in finals.items():
-        if final.lower().endswith(".vmdk") and final not in entries:
-            desc = read_descriptor(os.path.join(folder.backing_dir, tmp))
-            if desc is not None and desc.has_encryption_lines:
-                names |= {e.file_name for e in desc.extents}
-    return names
+        for name in (tmp, final):
+            try:
+                st = os.lstat(os.path.join(d, name))
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                raise _reject(path, f"{name} is not a regular file")
+        pending[final] = os.path.lexists(os.path.join(d, tmp))
+        if committing and not pending[final]:
+            raise FormatError(f"{os.path.join(d, tmp)}: a staged file vanished before the commit; nothing was "
+                              "changed (was another program deleting files in the folder?)")
+    current_raw = _current_key_file(folder, path)
+    if new_keys is not None and not all(pending.values()) and current_raw is not None \
+            and current_raw != keys.encode("utf-8"):
+        # _apply writes the key file before it renames anything: renames done means keys written.
+        missing = sorted(f for f, p in pending.items() if not p)
+        raise _reject(path, f"its temporary files for {', '.join(missing)} are missing")
+    replaced = set(finals)  # already renamed ones hold the new content as well
+    now = _keys_now(folder, current_raw, path)
+    after = _keys_after(folder, finals, pending, new_keys)
+    for name, data in sorted(now.items()):
+        if name not in finals and not _is_data_file(os.path.join(d, name), name):
+            continue  # a key entry of a file that is gone, or of a kind that never uses one: nothing to keep
+        if name in replaced:
+            if name not in after and new_keys is not None:
+                raise _reject(path, f"applying it would leave {name} without its key")
+            continue
+        if name not in after:
+            raise _reject(path, f"applying it would leave {name} without its key")
+        if after[name] != data:
+            raise _reject(path, f"applying it would give {name} another key record (only its own file's "
+                          "replacement may have a new one)")
+    if new_keys is None:
+        kept = sorted(n for n, _ in _descriptor_keys(folder, finals, pending).items())
+        if kept:
+            raise _reject(path, f"it makes the folder plain but descriptors would still hold keys (for "
+                          f"{', '.join(kept)})")
 
 
-def recover(folder: VmFolder) -> str | None:
-    """Finish or undo an interrupted operation in this folder; say what was done."""
+def _is_data_file(path: str, name: str) -> bool:
+    """An existing regular file that is stored encrypted in an encrypted folder (FORMAT.md 7.2)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (stat.S_ISREG(st.st_mode) and not is_hidden_name(name) and not is_plaintext_name(name)
+            and read_descriptor(path) is None)
+
+
+def _current_key_file(folder: VmFolder, path: str) -> bytes | None:
+    """The current folder key file's bytes (None when there is none); a journal cannot go over an unreadable one."""
+    try:
+        raw = read_regular(folder.keys_path, FOLDER_KEYS_MAX_SIZE)
+    except FileNotFoundError:
+        return None
+    except NotRegularFile:
+        raise _reject(path, f"{folder.keys_path} is not a regular file") from None
+    return raw
+
+
+def _keys_now(folder: VmFolder, current_raw: bytes | None, path: str) -> dict[str, str]:
+    """Every file that has a key now -> its data record (encryption.data), from the key file and descriptors."""
+    out: dict[str, str] = {}
+    if current_raw is not None:
+        try:
+            current = FolderKeys.from_bytes(current_raw, folder.keys_path)
+        except FormatError as exc:
+            raise _reject(path, f"the folder key file it would replace cannot be read ({exc})") from None
+        out.update({name: rec.data.encode() for name, rec in current.files.items()})
+    out.update(_descriptor_keys(folder, {}, {}))
+    return out
+
+
+def _keys_after(folder: VmFolder, finals: dict[str, str], pending: dict[str, bool],
+                new_keys: FolderKeys | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if new_keys is not None:
+        out.update({name: rec.data.encode() for name, rec in new_keys.files.items()})
+    out.update(_descriptor_keys(folder, finals, pending))
+    return out
+
+
+def _descriptor_keys(folder: VmFolder, finals: dict[str, str], pending: dict[str, bool]) -> dict[str, str]:
+    """Extent name -> data record of every descriptor with encryption lines, as the folder is after the renames."""
+    out: dict[str, str] = {}
+    d = folder.backing_dir
+    try:
+        entries = set(os.listdir(d))
+    except OSError:
+        return out
+    names = sorted(n for n in entries | set(finals) if n.lower().endswith(".vmdk") and not is_hidden_name(n))
+    for name in names:
+        source = finals[name] if pending.get(name) else name
+        desc = read_descriptor(os.path.join(d, source))
+        if desc is None or not desc.has_encryption_lines:
+            continue
+        record = desc.key_record()  # malformed lines: FormatError, the journal is refused
+        for ext in desc.extents:
+            out.setdefault(ext.file_name, record.data.encode())
+    return out
+
+
+def _strays(folder: VmFolder) -> list[str]:
+    return [n for n in os.listdir(folder.backing_dir)
+            if n.startswith((TMP_PREFIX, ATOMIC_TMP_PREFIX, "." + HIDDEN_PREFIX))]
+
+
+def recover(folder: VmFolder, lock_held: bool = False) -> str | None:
+    """Finish or undo an interrupted operation in this folder; say what was done.
+
+    Temporary files are only leftovers when no operation is running: unless the caller holds
+    the folder's operation lock (format/oplock.py), it is taken here whenever there is
+    something to do, and a folder that another operation is changing is left alone.
+    """
+    if not lock_held:
+        if not os.path.lexists(journal_path(folder)) and not _strays(folder):
+            return None
+        try:
+            lock = FolderOpLock(folder.backing_dir, "recovery of an interrupted operation")
+            lock.acquire()
+        except InUseError as exc:
+            return f"{folder.backing_dir}: not recovered now: {exc}"
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            lock = None  # a read-only folder: no operation can be writing in it either
+        try:
+            return _recover(folder)
+        finally:
+            if lock is not None:
+                lock.release()
+    return _recover(folder)
+
+
+def _recover(folder: VmFolder) -> str | None:
     if os.path.lexists(journal_path(folder)):
         _apply(folder, read_journal(folder))
         return f"{folder.backing_dir}: finished an interrupted operation"
-    stray = [n for n in os.listdir(folder.backing_dir)
-             if n.startswith((TMP_PREFIX, ATOMIC_TMP_PREFIX, "." + HIDDEN_PREFIX))]
+    stray = _strays(folder)
     for name in stray:
         os.unlink(os.path.join(folder.backing_dir, name))
     return f"{folder.backing_dir}: removed {len(stray)} incomplete temporary files" if stray else None

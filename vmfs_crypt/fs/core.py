@@ -765,6 +765,11 @@ class VmfsCore:
                 except FileNotFoundError:
                     pass
                 view = bytes(desc.view)
+                # The key lines at rest now, not those of the open: a shallow rekey may have replaced
+                # them meanwhile, and writing the old ones back would undo it (issue 7, case 2).
+                at_rest = read_descriptor(e.real)
+                if at_rest is not None:
+                    desc.key_lines = encryption_lines(at_rest.raw)
                 if desc.key_lines:
                     view = insert_encryption_lines(view, desc.key_lines)
                 write_atomic(e.real, view, desc.mode, owner)

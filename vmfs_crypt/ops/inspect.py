@@ -7,18 +7,28 @@ Field names are stable (README, "Output for scripts").
 import os
 
 from ..crypto.sectors import SECTOR_SIZE
-from ..errors import UsageError, VmfsCryptError
+from ..errors import DataError, FormatError, UsageError, VmfsCryptError
 from ..format.descriptor import read_descriptor
-from ..format.folder import FolderState, VmFolder
+from ..format.folder import JOURNAL_NAME, FolderState, VmFolder
+from ..format.journal import journal_problem
 from ..format.inventory import folder_files, walk_folders
 from ..format.keysafe import CIPHER_NAME
 from ..fs.mounts import backing_path
 
 
+def _damage_code(folder: VmFolder) -> str:
+    """The stable error code (errors.py) of a damaged folder: a refused journal is a format error, lost keys data."""
+    if os.path.lexists(os.path.join(folder.backing_dir, JOURNAL_NAME)) and journal_problem(folder):
+        return FormatError.code
+    return DataError.code
+
+
 def folder_info(folder: VmFolder) -> dict:
+    """One folder: its state, why it is damaged and how to repair it, its KEK, and each file's role."""
     state = folder.state()
+    damaged = state is FolderState.DAMAGED
     result = {"folder": folder.backing_dir, "state": state.value, "encrypted": state is FolderState.ENCRYPTED,
-              "damage": folder.damage() if state is FolderState.DAMAGED else None,
+              "damage": folder.damage() if damaged else None, "damage_code": _damage_code(folder) if damaged else None,
               "cipher": CIPHER_NAME if state is not FolderState.PLAIN else None,
               "sector_size": SECTOR_SIZE, "kek": None, "files": []}
     try:
@@ -26,7 +36,7 @@ def folder_info(folder: VmFolder) -> dict:
             result["kek"] = folder.load_keys().kek.to_json()
         result["files"] = [f.as_json() for f in folder_files(folder)]
     except VmfsCryptError as exc:
-        result["state"], result["encrypted"], result["damage"] = FolderState.DAMAGED.value, False, str(exc)
+        result.update(state=FolderState.DAMAGED.value, encrypted=False, damage=str(exc), damage_code=exc.code)
     return result
 
 

@@ -16,7 +16,9 @@ from ..format.holes import decrypt_sectors
 from ..format.inventory import FileInfo, folder_files
 from ..format.keysafe import KeyRecord, KeyRef
 from ..format.kinds import FileKind, classify, classify_name
+from ..fs.mounts import backing_path
 from .copy import chunks, transform_file
+from .inuse import Access
 from .transaction import FolderTransaction
 
 ProgressFactory = Callable[[int, str], object]  # (total, label) -> context manager with .update(n)
@@ -43,7 +45,8 @@ class FolderResult:
 
 
 def target_folder(path: str) -> VmFolder:
-    path = os.path.abspath(path)
+    """The folder an operation works on; a path inside a vmfs-crypt mount names its folder at rest."""
+    path = os.path.abspath(backing_path(os.path.abspath(path)))
     if os.path.isdir(path) and not os.path.islink(path):
         return VmFolder(path)
     if os.path.isfile(path) and not os.path.islink(path):
@@ -74,13 +77,13 @@ def _missing(folder: VmFolder, infos: list[FileInfo]) -> None:
 
 def create_disk(vmdk_path: str, size: int, keys: KeyAccess, provider: str | None = None) -> CreateResult:
     """A new thin encrypted disk: descriptor (with its key lines) plus a sparse flat extent."""
-    vmdk_path = os.path.abspath(vmdk_path)
+    vmdk_path = os.path.abspath(backing_path(os.path.abspath(vmdk_path)))
     if not vmdk_path.endswith(".vmdk"):
         raise UsageError(f"{vmdk_path}: a disk descriptor's name ends in .vmdk")
     folder = VmFolder(os.path.dirname(vmdk_path))
     if not os.path.isdir(folder.backing_dir):
         raise UsageError(f"{folder.backing_dir}: no such folder; create the VM folder first")
-    with FolderTransaction(folder) as tx:
+    with FolderTransaction(folder, "create") as tx:
         _check_usable(folder)
         extent_name = os.path.basename(vmdk_path)[:-len(".vmdk")] + "-flat.vmdk"
         for p in (vmdk_path, tx.path(extent_name)):
@@ -116,9 +119,10 @@ def _would_be_encrypted(name: str) -> bool:
 def encrypt_folder(path: str, keys: KeyAccess, provider: str | None, progress: ProgressFactory) -> FolderResult:
     """Encrypt every plaintext file of a VM folder that should be encrypted (a folder is encrypted as a whole)."""
     folder = target_folder(path)
-    with FolderTransaction(folder) as tx:
+    with FolderTransaction(folder, "encrypt") as tx:
         _check_usable(folder)
-        folder_keys = _folder_keys(folder, keys, provider)
+        # An encrypted folder's own KEK (and a --provider that contradicts it) before any work.
+        folder_keys = _folder_keys(folder, keys, provider) if folder.encrypted else None
         infos = folder_files(folder)
         if folder.encrypted:
             todo = [f for f in infos if f.missing_key]
@@ -128,8 +132,11 @@ def encrypt_folder(path: str, keys: KeyAccess, provider: str | None, progress: P
             if folder.encrypted:
                 return FolderResult(folder.backing_dir, note="already encrypted")
             # A folder with nothing to encrypt yet (only logs/descriptors) becomes encrypted for new files.
+            folder_keys = _folder_keys(folder, keys, provider)  # a new KEK for the folder
             tx.commit(folder_keys)
             return FolderResult(folder.backing_dir, new_kek=folder_keys.kek)
+        tx.check_in_use(Access.DATA)
+        folder_keys = folder_keys or _folder_keys(folder, keys, provider)
         owners = folder.extent_owners()
         new_keys = FolderKeys(folder_keys.kek, dict(folder_keys.files))
         desc_records: dict[str, KeyRecord] = {}
@@ -160,12 +167,13 @@ def _cipher(folder: VmFolder, keys: KeyAccess, name: str) -> SectorCipher:
 def decrypt_folder(path: str, keys: KeyAccess, progress: ProgressFactory) -> FolderResult:
     """Decrypt every encrypted file of a VM folder and make it a plain folder again."""
     folder = target_folder(path)
-    with FolderTransaction(folder) as tx:
+    with FolderTransaction(folder, "decrypt") as tx:
         _check_usable(folder)
         if not folder.encrypted:
             raise UsageError(f"{folder.backing_dir} is not encrypted")
         infos = folder_files(folder)
         _missing(folder, infos)
+        tx.check_in_use(Access.DATA)
         todo = [f for f in infos if f.kind is FileKind.ENCRYPTED]
         with progress(sum(f.size for f in todo), "decrypting") as bar:
             for f in todo:
@@ -180,13 +188,14 @@ def decrypt_folder(path: str, keys: KeyAccess, progress: ProgressFactory) -> Fol
 def rekey_folder(path: str, keys: KeyAccess, provider: str | None, deep: bool, progress: ProgressFactory) -> FolderResult:
     """Shallow rekey (a new KEK wraps the same DEKs) or deep rekey (new DEKs, data re-encrypted) of a VM folder."""
     folder = target_folder(path)
-    with FolderTransaction(folder) as tx:
+    with FolderTransaction(folder, "deep rekey" if deep else "rekey") as tx:
         _check_usable(folder)
         if not folder.encrypted:
             raise UsageError(f"{folder.backing_dir} is not encrypted; use 'vmfs-crypt encrypt'")
         old_keys = folder.load_keys()
         infos = folder_files(folder)
         _missing(folder, infos)
+        tx.check_in_use(Access.DATA if deep else Access.KEYS)
         new_kek = keys.new_kek(provider or old_keys.kek.provider_id, os.path.basename(folder.backing_dir))
         new_keys = FolderKeys(new_kek)
         desc_records: dict[str, KeyRecord] = {}
