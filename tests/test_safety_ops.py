@@ -457,6 +457,9 @@ class CliUser:
         with open(os.path.join(self.vm, "vm1.nvram"), "wb") as f:
             f.write(NVRAM)
         user.own(self.vm)
+        # `provider add` ran a private agent, which made the runtime directory: the attacks below
+        # start from a host where the victim has none yet.
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     @property
     def runtime_dir(self) -> str:
