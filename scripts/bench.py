@@ -147,26 +147,32 @@ def fio_matrix(results: dict, targets, providers, size: int, rounds: int, jobs: 
     errors: list = []
     meter = LoadMeter(lambda: daemon_pids(providers))
     results["fio_rounds"] = []
-    for rnd in range(rounds):
-        meter.start()
-        k = rnd % len(targets) if targets else 0
-        order = targets[k:] + targets[:k]
-        for job in jobs:
-            for t in order:
-                try:
-                    r = fio(t.path, job, size)
-                    samples[job["name"]][t.name].append(r)
-                    log(f"  round {rnd + 1}/{rounds} {job['name']:<10} {t.name:<11} "
-                        f"{fmt(r[job['metric']], job['metric']):>10} {job['metric']}")
-                except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                    errors.append(f"round {rnd + 1} {job['name']} {t.name}: {exc}")
-                    log(f"  round {rnd + 1}/{rounds} {job['name']:<10} {t.name:<11} ERROR {exc}")
-        load = meter.stop()
-        load["order"] = [t.name for t in order]
-        results["fio_rounds"].append(load)
-        log(load_line(f"fio round {rnd + 1}", load))
-    results["fio_errors"] = errors
-    results["fio"] = {
+    try:
+        for rnd in range(rounds):
+            meter.start()
+            k = rnd % len(targets) if targets else 0
+            order = targets[k:] + targets[:k]
+            for job in jobs:
+                for t in order:
+                    try:
+                        r = fio(t.path, job, size)
+                        samples[job["name"]][t.name].append(r)
+                        log(f"  round {rnd + 1}/{rounds} {job['name']:<10} {t.name:<11} "
+                            f"{fmt(r[job['metric']], job['metric']):>10} {job['metric']}")
+                    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                        errors.append(f"round {rnd + 1} {job['name']} {t.name}: {exc}")
+                        log(f"  round {rnd + 1}/{rounds} {job['name']:<10} {t.name:<11} ERROR {exc}")
+            load = meter.stop()
+            load["order"] = [t.name for t in order]
+            results["fio_rounds"].append(load)
+            log(load_line(f"fio round {rnd + 1}", load))
+    finally:  # also the partial medians of an interrupted run
+        results["fio_errors"] = errors
+        results["fio"] = fio_medians(jobs, samples)
+
+
+def fio_medians(jobs: list[dict], samples: dict) -> dict:
+    return {
         j["name"]: {"title": j["title"], "metric": j["metric"], "rw": j["rw"], "bs": j["bs"],
                     "numjobs": j.get("numjobs", 1), "ioengine": j.get("ioengine", "psync"),
                     "iodepth": j.get("iodepth", 1),
@@ -360,6 +366,7 @@ def summarize(results: dict) -> None:
         for t in present:
             cells = [fmt(j["targets"].get(t, {}).get("median"), j["metric"]) for j in fio_res.values()]
             log("  " + f"{t:<12}" + "".join(f"{c:>11}" for c in cells))
+        log("  (" + "; ".join(f"{n}: {j['title']}" for n, j in fio_res.items()) + "; all direct=1)")
         log("\n== ratios per column (same run; 'ok' target met, 'NO' not met, 'aim' the aim met too)")
         log("  " + f"{'ratio (target)':<50}" + "".join(f"{n:>11}" for n in fio_res))
         for name, num, dens, target, aim in RATIOS + [(n, a, b, None, None) for n, a, b in INFO_RATIOS]:

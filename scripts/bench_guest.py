@@ -241,7 +241,7 @@ def build_guest(cache: str = CACHE) -> dict:
     mods = module_order(kroot, version)
     jobs = "\n".join(f"  job {name} {args}" for name, _, args, _ in JOBS)
     initrd = os.path.join(cache, "initrd.cpio")
-    cp = Cpio(initrd + ".tmp")
+    cp = Cpio(f"{initrd}.{os.getpid()}.tmp")
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "lib64"):
         cp.dir(d)
     with open(os.path.join(broot, "bin", "busybox"), "rb") as f:
@@ -257,7 +257,7 @@ def build_guest(cache: str = CACHE) -> dict:
             cp.file(m, f.read(), 0o644)
     cp.file("modules.order", "\n".join(mods).encode() + b"\n", 0o644)
     cp.close()
-    os.replace(initrd + ".tmp", initrd)
+    os.replace(f"{initrd}.{os.getpid()}.tmp", initrd)
     return {"kernel": kernel, "kernel_package": kpkg, "initrd": initrd, "initrd_MB": round(os.path.getsize(initrd) / 1e6, 1),
             "modules": [os.path.basename(m) for m in mods], "fio": tool_version(["fio", "--version"]),
             "busybox": os.path.basename(apt_download("busybox-static", os.path.join(cache, "debs")))}
@@ -406,6 +406,16 @@ def disk_args(t: Target) -> list[str]:
 
 
 # -- main --------------------------------------------------------------------------------------
+def guest_medians(results: dict, samples: dict) -> None:
+    metric = {n: m for n, _, _, m in JOBS}
+    results["samples"] = {t: {n: [round(r[metric[n]], 1) for r in rs] for n, rs in by.items()}
+                          for t, by in samples.items()}
+    results["medians"] = {t: {n: round(statistics.median(v), 1) for n, v in by.items() if v}
+                          for t, by in results["samples"].items() if any(by.values())}
+    results["lat_us_median"] = {t: {n: round(median_or_none([r["lat_us"] for r in rs]), 1)
+                                    for n, rs in by.items() if rs} for t, by in samples.items()}
+
+
 def summarize(results: dict) -> None:
     med = results.get("medians") or {}
     summary: dict = {"ratios": {}}
@@ -502,34 +512,30 @@ def main(argv=None) -> int:
             results["rounds"], results["errors"] = [], []
             log(f"\n== {len(targets)} targets x {rounds} round(s), {len(JOBS)} fio jobs per boot "
                 f"({runtime:g} s + {ramp:g} s ramp each)")
-            for rnd in range(rounds):
-                meter.start()
-                k = rnd % len(targets) if targets else 0
-                order = targets[k:] + targets[:k]
-                for t in order:
-                    t0 = time.monotonic()
-                    try:
-                        text = guest.boot(append, disk_args(t), timeout)
-                        res = parse_guest(text)
-                    except RuntimeError as exc:
-                        results["errors"].append(f"round {rnd + 1} {t.name}: {exc}")
-                        log(f"  round {rnd + 1}/{rounds} {t.name:<11} ERROR {exc}")
-                        continue
-                    for n, r in res.items():
-                        samples[t.name][n].append(r)
-                    cells = "  ".join(f"{n} {fmt(res[n][m], m)}" for n, _, _, m in JOBS)
-                    log(f"  round {rnd + 1}/{rounds} {t.name:<11} ({time.monotonic() - t0:.0f} s) {cells}")
-                load = meter.stop()
-                load["order"] = [t.name for t in order]
-                results["rounds"].append(load)
-                log(load_line(f"guest round {rnd + 1}", load))
-            metric = {n: m for n, _, _, m in JOBS}
-            results["samples"] = {t: {n: [round(r[metric[n]], 1) for r in rs] for n, rs in by.items()}
-                                  for t, by in samples.items()}
-            results["medians"] = {t: {n: round(statistics.median(v), 1) for n, v in by.items() if v}
-                                  for t, by in results["samples"].items() if any(by.values())}
-            results["lat_us_median"] = {t: {n: round(median_or_none([r["lat_us"] for r in rs]), 1)
-                                            for n, rs in by.items() if rs} for t, by in samples.items()}
+            try:
+                for rnd in range(rounds):
+                    meter.start()
+                    k = rnd % len(targets) if targets else 0
+                    order = targets[k:] + targets[:k]
+                    for t in order:
+                        t0 = time.monotonic()
+                        try:
+                            text = guest.boot(append, disk_args(t), timeout)
+                            res = parse_guest(text)
+                        except RuntimeError as exc:
+                            results["errors"].append(f"round {rnd + 1} {t.name}: {exc}")
+                            log(f"  round {rnd + 1}/{rounds} {t.name:<11} ERROR {exc}")
+                            continue
+                        for n, r in res.items():
+                            samples[t.name][n].append(r)
+                        cells = "  ".join(f"{n} {fmt(res[n][m], m)}" for n, _, _, m in JOBS)
+                        log(f"  round {rnd + 1}/{rounds} {t.name:<11} ({time.monotonic() - t0:.0f} s) {cells}")
+                    load = meter.stop()
+                    load["order"] = [t.name for t in order]
+                    results["rounds"].append(load)
+                    log(load_line(f"guest round {rnd + 1}", load))
+            finally:  # also the partial medians of an interrupted run
+                guest_medians(results, samples)
     except KeyboardInterrupt:
         results["interrupted"] = True
         log("interrupted: everything started is stopped; partial results follow")

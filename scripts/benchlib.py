@@ -49,7 +49,9 @@ def _interrupt(signum, frame):
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM/SIGHUP unwind like Ctrl-C, so every `finally` unmounts and stops what it started."""
+    """SIGTERM/SIGHUP unwind like Ctrl-C, so every `finally` unmounts and stops what it started.
+    SIGINT too, even when the script was started with SIGINT ignored (a background job of a shell)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
 
@@ -589,6 +591,10 @@ def fio(path: str, job: dict, size: int, extra: tuple[str, ...] = (), timeout: f
         if job.get("ramp"):
             cmd.append(f"--ramp_time={job['ramp']}")
     proc = run(cmd, check=False, timeout=timeout)
+    if proc.returncode < 0 or proc.returncode >= 128:
+        # fio killed by a signal (a Ctrl-C reaches the whole process group): stop the benchmark,
+        # do not record it as a failed job
+        raise KeyboardInterrupt
     out = proc.stdout.decode(errors="replace")
     try:
         result = json.loads(out[out.index("{"):])
