@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse2 qemu-utils qemu-system-x86 fio botan nasm gocryptfs libssl-dev libfuse3-dev pkg-config gcc
 STAMP := $(VENV)/.installed
 
-.PHONY: deps test test-unit demo bench kms clean
+.PHONY: deps test test-unit demo bench bench-quick bench-guest kms clean
 
 deps: $(STAMP)
 
@@ -34,8 +34,21 @@ test-unit: deps
 demo: deps
 	bash scripts/demo.sh
 
+# Benchmarks (issue 13; docs/PERFORMANCE.md, Method). Not part of `make test`. Run at a quiet
+# moment: other load makes the figures noise (the scripts warn). BENCH_ARGS passes options on,
+# e.g. make bench BENCH_ARGS="--targets vmfs-enc,gocryptfs --rounds 5".
+# bench: host fio matrix, qemu-img convert vs LUKS, offline encrypt/rekey/decrypt, cipher, RSS, KMIP (~25 min)
+# bench-quick: the same as a smoke run (1 round, 2 s jobs, 256 MiB; ~6 min); not figures
+# bench-guest: fio inside a Debian guest on each target's disk under QEMU (~10 min with KVM, ~25 with TCG)
+BENCH_ARGS ?=
 bench: deps
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+bench-quick: deps
+	$(PY) scripts/bench.py --quick $(BENCH_ARGS)
+
+bench-guest: deps
+	$(PY) scripts/bench_guest.py $(BENCH_ARGS)
 
 kms: deps
 	$(PY) scripts/kms.py

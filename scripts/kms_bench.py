@@ -16,9 +16,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "devtools"))
 
-from vmfs_crypt import disks  # noqa: E402
-from vmfs_crypt.agent import AgentClient, start_agent  # noqa: E402
+from vmfs_crypt.agent.client import AgentClient  # noqa: E402
+from vmfs_crypt.agent.launcher import shared_agent  # noqa: E402
 from vmfs_crypt.config import Config, load_config  # noqa: E402
+from vmfs_crypt.ops.lifecycle import create_disk  # noqa: E402
 from kmip_tls import Pki, PyKmipServer  # noqa: E402
 
 CLI = [sys.executable, "-m", "vmfs_crypt.cli"]
@@ -34,14 +35,14 @@ def _run(env: dict, *args: str) -> str:
 def build_datastore(config: Config, datastore: str, folders: int, per_folder: int, size: int) -> float:
     """Create folders x per_folder thin encrypted disks in-process through one agent; seconds taken."""
     start = time.perf_counter()
-    start_agent(config)
-    agent = AgentClient(config.agent_socket)
+    sock, _ = shared_agent(config, sidecar=False)
+    agent = AgentClient(sock)
     try:
         for i in range(folders):
             vm = os.path.join(datastore, f"vm{i:02d}")
             os.makedirs(vm)
             for j in range(per_folder):
-                disks.create_disk(os.path.join(vm, f"disk{j:02d}.vmdk"), size, agent)
+                create_disk(os.path.join(vm, f"disk{j:02d}.vmdk"), size, agent)
     finally:
         agent.stop()
     return time.perf_counter() - start
