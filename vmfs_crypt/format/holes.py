@@ -1,7 +1,5 @@
 """Sparse files: an all-zero sector in a backing file is a hole and reads as plaintext zeros (docs/FORMAT.md 3.4)."""
 
-import numpy as np
-
 from ..crypto.sectors import SECTOR_SIZE, XTS_BLOCK_SIZE
 from ..crypto.xts import SectorCipher
 
@@ -9,13 +7,15 @@ MIN_HOLE_TAIL = XTS_BLOCK_SIZE  # shorter partial last sectors are never holes
 _ZERO_BLOCK = bytes(XTS_BLOCK_SIZE)
 
 
-def zero_sector_mask(data) -> np.ndarray:
+def zero_sector_mask(data) -> "numpy.ndarray":  # noqa: F821
     """For each sector of `data`: is it all zero and so a hole (in ciphertext) or storable as one (in plaintext)?
 
     A partial last sector shorter than 16 bytes is never a hole: its ciphertext is an XOR
     pad (FORMAT.md 3.3), which is all zero for one plaintext in 2^(8r), so it is always
     stored encrypted.
     """
+    import numpy as np  # only on slow paths: holes and offline copies (keeps numpy out of start-up)
+
     n_full = len(data) // SECTOR_SIZE
     arr = np.frombuffer(data, dtype=np.uint8)
     mask = np.zeros(-(-len(data) // SECTOR_SIZE), dtype=bool)
@@ -38,7 +38,7 @@ def decrypt_sectors(cipher: SectorCipher, first_sector_no: int, ciphertext) -> b
     if not holes.any():
         return plaintext
     buf = bytearray(plaintext)
-    for idx in np.flatnonzero(holes):
+    for idx in holes.nonzero()[0]:
         start = int(idx) * SECTOR_SIZE
         end = min(start + SECTOR_SIZE, len(buf))
         buf[start:end] = bytes(end - start)
@@ -47,6 +47,8 @@ def decrypt_sectors(cipher: SectorCipher, first_sector_no: int, ciphertext) -> b
 
 def nonzero_runs(plain) -> list[tuple[int, int]]:
     """(start, end) byte ranges of consecutive sectors holding a non-zero byte; the rest can stay holes."""
+    import numpy as np
+
     zero = zero_sector_mask(plain)
     edges = np.flatnonzero(np.diff(np.concatenate(([1], zero, [1])).astype(np.int8)))
     return [(int(a) * SECTOR_SIZE, min(int(b) * SECTOR_SIZE, len(plain))) for a, b in zip(edges[::2], edges[1::2])]
