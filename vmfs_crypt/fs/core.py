@@ -768,11 +768,12 @@ class VmfsCore:
                 # The key lines at rest now, not those of the open: a shallow rekey may have replaced
                 # them meanwhile, and writing the old ones back would undo it (issue 7, case 2).
                 at_rest = read_descriptor(e.real)
-                if at_rest is not None:
+                if at_rest is not None and desc.key_lines == desc.key_lines_seen:
                     desc.key_lines = encryption_lines(at_rest.raw)
                 if desc.key_lines:
                     view = insert_encryption_lines(view, desc.key_lines)
                 write_atomic(e.real, view, desc.mode, owner)
+            desc.key_lines_seen = list(desc.key_lines)
             desc.dirty = False
 
     def _empty_descriptor(self, desc: DescriptorFile) -> None:

@@ -53,6 +53,14 @@ class DescriptorFile:
     deleted: bool = False  # unlinked or replaced while open: never written back
     opens: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # The key lines as last read from or written to the file at rest: if `key_lines` still
+    # equals them at write-back, the lines at rest win (a shallow rekey may have replaced
+    # them); if the mount changed `key_lines` itself (an emptied descriptor), the mount's win.
+    key_lines_seen: list[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        if self.key_lines_seen is None:
+            self.key_lines_seen = list(self.key_lines)
 
 
 class OpenFileTable:
