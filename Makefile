@@ -22,7 +22,8 @@ $(STAMP): setup.cfg pyproject.toml
 
 # Everything, with the compiled core; then the data-path tests again on the Python reference
 # path (VMFS_CRYPT_NATIVE=0): make test passes with and without the compiled core.
-PY_PATH_TESTS := tests/test_xts.py tests/test_format_independent.py tests/test_mount_posix.py tests/test_datapath_mount.py
+PY_PATH_TESTS := tests/test_xts.py tests/test_format_independent.py tests/test_mount_posix.py tests/test_datapath_mount.py \
+  tests/test_safety_fs.py
 test: deps
 	$(PY) -m pytest -q -p no:cacheprovider tests
 	VMFS_CRYPT_NATIVE=0 $(PY) -m pytest -q -p no:cacheprovider $(PY_PATH_TESTS)
