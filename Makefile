@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := fuse3 libfuse2 qemu-utils qemu-system-x86 fio botan nasm gocryptfs libssl-dev libfuse3-dev pkg-config gcc
+APT_PACKAGES := fuse3 libfuse2 qemu-utils qemu-system-x86 fio botan nasm gocryptfs libssl-dev libfuse3-dev pkg-config gcc python3.11
 STAMP := $(VENV)/.installed
 
 .PHONY: deps test test-unit demo bench bench-quick bench-guest kms clean
