@@ -549,6 +549,41 @@ def test_revoked_refuses_io(tmp_path):
         f.close()
 
 
+def test_set_cipher_serves_under_the_new_key_only_with_the_write_lock(tmp_path):
+    """An emptied file gets a new DEK (issue 7, case 8): the file state switches cipher under its write lock."""
+    old_dek, new_dek = os.urandom(64), os.urandom(64)
+    old, new = native.SectorCipher(old_dek), native.SectorCipher(new_dek)
+    f = Registered(tmp_path / "k", old, "vm/k.nvram", old_dek)
+    plain = native.FileState(None, "plain")
+    try:
+        assert f.write(b"A" * 1000, 0) == 1000
+        with pytest.raises(RuntimeError):
+            f.state.set_cipher(new)  # without the write lock
+        with pytest.raises(TypeError):
+            f.state.set_cipher(None)
+        plain.acquire_write()
+        try:
+            with pytest.raises(RuntimeError):
+                plain.set_cipher(new)  # a plain file has no cipher to change
+        finally:
+            plain.release_write()
+        f.state.acquire_write()
+        try:
+            os.ftruncate(f.fd, 0)
+            f.state.set_cipher(new)
+        finally:
+            f.state.release_write()
+        assert f.state.cipher is new
+        assert f.write(b"B" * 1000, 0) == 1000
+        with open(f.path, "rb") as raw:
+            at_rest = raw.read()
+        assert PySectorCipher(new_dek).decrypt(0, at_rest) == b"B" * 1000
+        assert PySectorCipher(old_dek).decrypt(0, at_rest) != b"B" * 1000
+        assert f.read(1000, 0) == b"B" * 1000
+    finally:
+        f.close()
+
+
 def test_data_fault_short_read_is_eio_and_logged(logs):
     """A backing file shorter than its size says (here a sysfs file: st_size 4096, 23 bytes)."""
     path = "/sys/kernel/mm/transparent_hugepage/enabled"
