@@ -10,6 +10,7 @@ from .atomicio import NotRegularFile, read_regular, write_atomic
 from .descriptor import Descriptor, Extent, read_descriptor
 from ..errors import DataError, FormatError
 from .keysafe import FORMAT_VERSION, KNOWN_FEATURES, KeyRecord, KeyRef
+from .reencrypt import REENCRYPT_FEATURE, ReencryptState
 from .strict import check_members, check_version_features, json_object
 
 FOLDER_KEYS_NAME = ".vmfs-crypt.json"
@@ -42,24 +43,35 @@ class FolderKeys:
 
     kek: KeyRef
     files: dict[str, KeyRecord] = field(default_factory=dict)
+    # An in-place re-encryption in flight (FORMAT.md 7.7, issue 10): written with the feature
+    # "reencrypt", which readers that do not implement it refuse.
+    reencrypt: ReencryptState | None = None
 
     def to_bytes(self) -> bytes:
         doc = {
             "format": FOLDER_FORMAT,
             "version": FORMAT_VERSION,
-            "features": [],
+            "features": [REENCRYPT_FEATURE] if self.reencrypt else [],
             "kek": self.kek.to_json(),
             "files": {name: rec.as_json() for name, rec in sorted(self.files.items())},
         }
+        if self.reencrypt:
+            doc["reencrypt"] = self.reencrypt.to_json()
         return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode("utf-8")
 
     @classmethod
-    def from_bytes(cls, raw: bytes, what: str) -> "FolderKeys":
+    def from_bytes(cls, raw: bytes, what: str, allow_reencrypt: bool = False) -> "FolderKeys":
+        """Parse a folder key file; one with a re-encryption in flight only for the code that finishes it."""
         doc = json_object(raw, what)
         if doc.get("format") != FOLDER_FORMAT:
             raise FormatError(f"{what}: not a vmfs-crypt folder key file")
-        check_version_features(doc, FORMAT_VERSION, KNOWN_FEATURES, what)
-        check_members(doc, {"format", "version", "features", "kek", "files"}, what)
+        check_version_features(doc, FORMAT_VERSION, KNOWN_FEATURES | {REENCRYPT_FEATURE}, what)
+        features = doc["features"]
+        if len(set(features)) != len(features):
+            raise FormatError(f"{what}: features {features!r} lists a feature twice")
+        in_flight = REENCRYPT_FEATURE in features
+        check_members(doc, {"format", "version", "features", "kek", "files"} | ({"reencrypt"} if in_flight else set()),
+                      what)
         kek = KeyRef.from_json(doc["kek"], f"{what}: kek")
         files = doc["files"]
         if not isinstance(files, dict):
@@ -69,7 +81,12 @@ class FolderKeys:
             if not name or "/" in name or name in (".", ".."):
                 raise FormatError(f"{what}: bad file name {name!r}")
             records[name] = KeyRecord.from_json(rec, f"{what} entry {name!r}")
-        return cls(kek, records)
+        state = ReencryptState.from_json(doc["reencrypt"], what, records) if in_flight else None
+        if state is not None and not allow_reencrypt:
+            raise FormatError(f"{what}: an in-place {state.op} of this folder was interrupted; its files are refused "
+                              f"until it is finished: run 'vmfs-crypt {state.op}{' --deep' if state.op == 'rekey' else ''} "
+                              f"{os.path.dirname(os.path.abspath(what))}' (it resumes where it stopped)")
+        return cls(kek, records, state)
 
 
 def check_extent_length(what: str, size: int, descriptor: str, ext: Extent) -> None:
@@ -130,7 +147,7 @@ class VmFolder:
                 "the folder's keys are lost; restore the key file from a backup copy (and the provider "
                 "with 'vmfs-crypt provider restore' if needed)")
 
-    def load_keys(self) -> FolderKeys:
+    def load_keys(self, allow_reencrypt: bool = False) -> FolderKeys:
         try:
             raw = read_regular(self.keys_path, FOLDER_KEYS_MAX_SIZE)
         except FileNotFoundError:
@@ -138,7 +155,7 @@ class VmFolder:
         except NotRegularFile:
             raise FormatError(f"{self.keys_path}: not a regular file; restore the folder key file "
                               "from a backup") from None
-        return FolderKeys.from_bytes(raw, self.keys_path)
+        return FolderKeys.from_bytes(raw, self.keys_path, allow_reencrypt)
 
     def save_keys(self, keys: FolderKeys) -> None:
         write_atomic(self.keys_path, keys.to_bytes(), 0o600)

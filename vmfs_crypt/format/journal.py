@@ -136,8 +136,8 @@ def check_journal(folder: VmFolder, doc: dict, path: str, committing: bool = Fal
     keys = doc["keys"]
     if keys is not None and not isinstance(keys, str):
         raise _reject(path, "malformed keys")
-    new_keys = FolderKeys.from_bytes(keys.encode("utf-8"), f"{path} (new folder key file)") if keys is not None \
-        else None
+    new_keys = FolderKeys.from_bytes(keys.encode("utf-8"), f"{path} (new folder key file)", allow_reencrypt=True) \
+        if keys is not None else None
     d = folder.backing_dir
     pending = {}  # final -> True when its temporary file is still there (not renamed yet)
     for final, tmp in finals.items():
@@ -159,9 +159,18 @@ def check_journal(folder: VmFolder, doc: dict, path: str, committing: bool = Fal
         missing = sorted(f for f, p in pending.items() if not p)
         raise _reject(path, f"its temporary files for {', '.join(missing)} are missing")
     replaced = set(finals)  # already renamed ones hold the new content as well
-    now = _keys_now(folder, current_raw, path)
+    # A journal that wrote its key file already (interrupted while renaming) is applied again as it is.
+    rewritten = new_keys is not None and current_raw == keys.encode("utf-8")
+    now, finished = _keys_now(folder, current_raw, path, rewritten)
     after = _keys_after(folder, finals, pending, new_keys)
+    # An in-place re-encryption's commit (FORMAT.md 7.7): its files were rewritten in place,
+    # so each takes its `to` record (none when decrypted), and nothing else of the rule changes.
+    for name, data in sorted(finished.items()):
+        if after.get(name) != data:
+            raise _reject(path, f"applying it would not give {name}, re-encrypted in place, its new key record")
     for name, data in sorted(now.items()):
+        if name in finished:
+            continue
         if name not in finals and not _is_data_file(os.path.join(d, name), name):
             continue  # a key entry of a file that is gone, or of a kind that never uses one: nothing to keep
         if name in replaced:
@@ -201,17 +210,25 @@ def _current_key_file(folder: VmFolder, path: str) -> bytes | None:
     return raw
 
 
-def _keys_now(folder: VmFolder, current_raw: bytes | None, path: str) -> dict[str, str]:
-    """Every file that has a key now -> its data record (encryption.data), from the key file and descriptors."""
+def _keys_now(folder: VmFolder, current_raw: bytes | None, path: str,
+              rewritten: bool = False) -> tuple[dict[str, str], dict[str, str | None]]:
+    """Every file that has a key now -> its data record (encryption.data), from the key file and descriptors;
+    and the files of a finished in-place re-encryption -> the record they take at its commit (None: plaintext)."""
     out: dict[str, str] = {}
+    finished: dict[str, str | None] = {}
     if current_raw is not None:
         try:
-            current = FolderKeys.from_bytes(current_raw, folder.keys_path)
+            current = FolderKeys.from_bytes(current_raw, folder.keys_path, allow_reencrypt=True)
         except FormatError as exc:
             raise _reject(path, f"the folder key file it would replace cannot be read ({exc})") from None
         out.update({name: rec.data.encode() for name, rec in current.files.items()})
+        if current.reencrypt is not None and not rewritten:
+            if not all(f.done for f in current.reencrypt.files):
+                raise _reject(path, "it would replace the key file of an in-place re-encryption that is not "
+                              "finished (its files are under two keys)")
+            finished = {f.name: f.to.data.encode() if f.to else None for f in current.reencrypt.files}
     out.update(_descriptor_keys(folder, {}, {}))
-    return out
+    return out, finished
 
 
 def _keys_after(folder: VmFolder, finals: dict[str, str], pending: dict[str, bool],

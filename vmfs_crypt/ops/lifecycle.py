@@ -17,7 +17,9 @@ from ..format.inventory import FileInfo, folder_files
 from ..format.keysafe import KeyRecord, KeyRef
 from ..format.kinds import FileKind, classify, classify_name
 from ..fs.mounts import backing_path
-from .copy import chunks, transform_file
+from ..format.reencrypt import ReencryptFile
+from . import reencrypt
+from .copy import chunks
 from .inuse import Access
 from .transaction import FolderTransaction
 
@@ -121,6 +123,9 @@ def encrypt_folder(path: str, keys: KeyAccess, provider: str | None, progress: P
     folder = target_folder(path)
     with FolderTransaction(folder, "encrypt") as tx:
         _check_usable(folder)
+        resumed = reencrypt.resume(tx, keys, progress)
+        if resumed is not None and resumed.op == "encrypt":
+            return FolderResult(folder.backing_dir, [f.name for f in resumed.files], note="resumed", new_kek=resumed.kek)
         # An encrypted folder's own KEK (and a --provider that contradicts it) before any work.
         folder_keys = _folder_keys(folder, keys, provider) if folder.encrypted else None
         infos = folder_files(folder)
@@ -138,22 +143,20 @@ def encrypt_folder(path: str, keys: KeyAccess, provider: str | None, progress: P
         tx.check_in_use(Access.DATA)
         folder_keys = folder_keys or _folder_keys(folder, keys, provider)
         owners = folder.extent_owners()
-        new_keys = FolderKeys(folder_keys.kek, dict(folder_keys.files))
-        desc_records: dict[str, KeyRecord] = {}
-        with progress(sum(f.size for f in todo), "encrypting") as bar:
-            for f in todo:
-                record, dek = keys.new_file_key(folder_keys.kek, tx.path(f.name))
-                transform_file(tx.path(f.name), tx.stage(f.name), None, SectorCipher(dek), bar.update)
-                del dek
-                owner = owners.get(f.name)
-                desc = read_descriptor(tx.path(owner)) if owner else None
-                if desc is not None and len(desc.extents) == 1 and owner not in desc_records:
-                    desc_records[owner] = record  # a single-extent disk keeps its key in its descriptor
-                else:
-                    new_keys.files[f.name] = record
-        for name, record in desc_records.items():
-            tx.stage_descriptor(name, record)
-        tx.commit(new_keys)
+        entries: list[ReencryptFile] = []
+        used: set[str] = set()
+        fresh: dict[str, bytes] = {}
+        for f in todo:
+            record, fresh[f.name] = keys.new_file_key(folder_keys.kek, tx.path(f.name))
+            owner = owners.get(f.name)
+            desc = read_descriptor(tx.path(owner)) if owner else None
+            in_desc = desc is not None and len(desc.extents) == 1 and owner not in used
+            if in_desc:
+                used.add(owner)  # a single-extent disk keeps its key in its descriptor
+            entries.append(ReencryptFile(f.name, f.size, 0, None, record, owner if in_desc else None))
+        current = reencrypt.start(tx, "encrypt", folder_keys.kek, folder_keys, entries, [])
+        reencrypt.run(tx, keys, current, progress, fresh)
+        del fresh
     return FolderResult(folder.backing_dir, [f.name for f in todo], new_kek=folder_keys.kek)
 
 
@@ -169,19 +172,23 @@ def decrypt_folder(path: str, keys: KeyAccess, progress: ProgressFactory) -> Fol
     folder = target_folder(path)
     with FolderTransaction(folder, "decrypt") as tx:
         _check_usable(folder)
+        resumed = reencrypt.resume(tx, keys, progress)
+        if resumed is not None and resumed.op == "decrypt":
+            return FolderResult(folder.backing_dir, [f.name for f in resumed.files], note="resumed")
         if not folder.encrypted:
             raise UsageError(f"{folder.backing_dir} is not encrypted")
         infos = folder_files(folder)
         _missing(folder, infos)
         tx.check_in_use(Access.DATA)
         todo = [f for f in infos if f.kind is FileKind.ENCRYPTED]
-        with progress(sum(f.size for f in todo), "decrypting") as bar:
-            for f in todo:
-                transform_file(tx.path(f.name), tx.stage(f.name), _cipher(folder, keys, f.name), None, bar.update)
-        for desc in folder.descriptors():
-            if desc.has_encryption_lines:
-                tx.stage_descriptor(os.path.basename(desc.path), None)
-        tx.commit(None)
+        base = folder.load_keys()
+        entries: list[ReencryptFile] = []
+        for f in todo:
+            record = folder.key_record_for(f.name)
+            entries.append(ReencryptFile(f.name, f.size, 0, record, None, None))
+        strip = [os.path.basename(d.path) for d in folder.descriptors() if d.has_encryption_lines]
+        current = reencrypt.start(tx, "decrypt", None, base, entries, strip)
+        reencrypt.run(tx, keys, current, progress)
     return FolderResult(folder.backing_dir, [f.name for f in todo])
 
 
@@ -190,6 +197,10 @@ def rekey_folder(path: str, keys: KeyAccess, provider: str | None, deep: bool, p
     folder = target_folder(path)
     with FolderTransaction(folder, "deep rekey" if deep else "rekey") as tx:
         _check_usable(folder)
+        resumed = reencrypt.resume(tx, keys, progress)
+        if resumed is not None and resumed.op == "rekey" and deep:
+            return FolderResult(folder.backing_dir, [f.name for f in resumed.files], note="resumed",
+                                old_kek=resumed.files[0].frm.keysafe.kek, new_kek=resumed.kek, deep=True)
         if not folder.encrypted:
             raise UsageError(f"{folder.backing_dir} is not encrypted; use 'vmfs-crypt encrypt'")
         old_keys = folder.load_keys()
@@ -197,30 +208,38 @@ def rekey_folder(path: str, keys: KeyAccess, provider: str | None, deep: bool, p
         _missing(folder, infos)
         tx.check_in_use(Access.DATA if deep else Access.KEYS)
         new_kek = keys.new_kek(provider or old_keys.kek.provider_id, os.path.basename(folder.backing_dir))
-        new_keys = FolderKeys(new_kek)
-        desc_records: dict[str, KeyRecord] = {}
         todo = [f for f in infos if f.kind is FileKind.ENCRYPTED]
-        total = sum(f.size for f in todo) if deep else len(todo)
-        with progress(total, "deep rekey" if deep else "rekey") as bar:
+        if deep:
+            entries: list[ReencryptFile] = []
+            strip: list[str] = []
+            fresh: dict[str, bytes] = {}
             for f in todo:
-                what = tx.path(f.name)
                 found = folder.descriptor_record_for(f.name)
                 record = found[1] if found else old_keys.files[f.name]
-                if deep:
-                    new_record, dek = keys.new_file_key(new_kek, what)
-                    transform_file(what, tx.stage(f.name), SectorCipher(keys.unwrap(record, what)),
-                                   SectorCipher(dek), bar.update)
-                    del dek
-                else:
+                new_record, fresh[f.name] = keys.new_file_key(new_kek, tx.path(f.name))
+                entries.append(ReencryptFile(f.name, f.size, 0, record, new_record, found[0] if found else None))
+                if found:
+                    strip.append(found[0])
+            current = reencrypt.start(tx, "rekey", new_kek, old_keys, entries, strip)
+            reencrypt.run(tx, keys, current, progress, fresh)
+            del fresh
+        else:
+            new_keys = FolderKeys(new_kek)
+            desc_records: dict[str, KeyRecord] = {}
+            with progress(len(todo), "rekey") as bar:
+                for f in todo:
+                    what = tx.path(f.name)
+                    found = folder.descriptor_record_for(f.name)
+                    record = found[1] if found else old_keys.files[f.name]
                     new_record = keys.rewrap(record, new_kek, what)
                     bar.update(1)
-                if found:
-                    desc_records[found[0]] = new_record
-                else:
-                    new_keys.files[f.name] = new_record
-        for name, record in desc_records.items():
-            tx.stage_descriptor(name, record)
-        tx.commit(new_keys)
+                    if found:
+                        desc_records[found[0]] = new_record
+                    else:
+                        new_keys.files[f.name] = new_record
+            for name, record in desc_records.items():
+                tx.stage_descriptor(name, record)
+            tx.commit(new_keys)
     return FolderResult(folder.backing_dir, [f.name for f in todo], old_kek=old_keys.kek, new_kek=new_kek, deep=deep)
 
 

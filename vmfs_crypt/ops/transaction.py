@@ -75,6 +75,9 @@ class FolderTransaction:
         if self._guard is not None:
             self._guard.check_again()
         commit(self.folder, self.renames, keys, on_committed=self._committed)
+        # Applied: an in-place re-encryption commits twice in one transaction (its start and its end).
+        self.renames = []
+        self.committed = False
 
     def _committed(self) -> None:
         # The journal is written: the staged files are its own now. Should applying it fail,

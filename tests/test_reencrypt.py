@@ -1,0 +1,346 @@
+"""Issue 10: in-place encrypt, deep rekey and decrypt, SIGKILLed at several points and resumed (FORMAT.md 7.7).
+
+The real CLI runs with a small region size (VMFS_CRYPT_REGION_SIZE) so that a 32 MiB disk has
+64 regions; kill points are found by polling the state in the folder key file. Between kills
+the folder is read with the independent reader of test_format_independent.py (FORMAT.md alone).
+"""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from support import CLI
+from test_format_independent import decrypt_file, native_kek, parse_data, parse_locator, unwrap, xts_unit
+
+
+SECTOR = 512
+REGION = 512 << 10
+DISK = 32 << 20
+NVRAM = (b"\x5a\xc3\x96\x3c" * 128) * 17 + b"tail"  # a partial last sector
+DESCRIPTOR = (b'# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\n'
+              b'# Extent description\nRW 65536 FLAT "disk-flat.vmdk" 0\n')
+HOLE_AT = 20 << 20  # [20 MiB, 28 MiB) of the disk is never written: a hole of the backing file
+HOLE_END = 28 << 20
+
+
+def make_vm(ds: str) -> tuple[str, dict[str, bytes]]:
+    vm = os.path.join(ds, "vm1")
+    os.makedirs(vm)
+    rnd = hashlib.shake_256(b"issue 10").digest(8 << 20)
+    with open(os.path.join(vm, "disk-flat.vmdk"), "wb") as f:
+        f.truncate(DISK)
+        for off in range(0, HOLE_AT, 8 << 20):
+            f.seek(off)
+            f.write(rnd[:HOLE_AT - off])
+        f.seek(HOLE_END)
+        f.write(rnd[:2 << 20])
+        f.seek(3 << 20)
+        f.write(bytes(256 << 10))  # zero sectors in the middle of data: holes once encrypted
+    files = {"disk.vmdk": DESCRIPTOR, "vm1.nvram": NVRAM, "vm1.vmx": b'displayName = "vm1"\n'}
+    for name, data in files.items():
+        with open(os.path.join(vm, name), "wb") as f:
+            f.write(data)
+    with open(os.path.join(vm, "disk-flat.vmdk"), "rb") as f:
+        files["disk-flat.vmdk"] = f.read()
+    assert_holes_kept(vm)  # the test's own premise
+    return vm, files
+
+
+def state(vm: str) -> dict | None:
+    try:
+        with open(os.path.join(vm, ".vmfs-crypt.json"), "rb") as f:
+            doc = json.loads(f.read())
+    except (FileNotFoundError, ValueError):  # ValueError: never torn (atomic), but be safe
+        return None
+    return doc.get("reencrypt")
+
+
+def run_killed(env, vm: str, args: list[str], fraction: float, peak: list[int]) -> dict:
+    """Start the CLI and SIGKILL it once the disk's boundary has passed `fraction` of it; the state at the kill."""
+    proc = subprocess.Popen(CLI + args + [vm], env=env.env, cwd=env.base, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            st = state(vm)
+            try:
+                peak[0] = max(peak[0], os.stat(os.path.join(vm, ".vmfs-crypt-region")).st_size)
+            except FileNotFoundError:
+                pass
+            disk = next((f for f in st["files"] if f["name"] == "disk-flat.vmdk"), None) if st else None
+            if disk and disk["boundary"] >= fraction * disk["size"]:
+                proc.send_signal(signal.SIGKILL)
+                break
+            if proc.poll() is not None:
+                raise AssertionError(f"{args} ended ({proc.returncode}) before the kill point: "
+                                     f"{proc.stderr.read().decode(errors='replace')}")
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.001)
+    finally:
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    st = state(vm)
+    assert st is not None, "the killed operation left no state"
+    return st
+
+
+def key_file(env) -> dict[str, bytes]:
+    with open(os.path.join(os.path.dirname(env.config), "native-local.key"), "rb") as f:
+        return {"local": f.read()}
+
+
+def dek_of(entry: dict, key_files: dict[str, bytes]) -> bytes:
+    provider, key_id, wrapped = parse_locator(entry["keySafe"])
+    return unwrap(native_kek(key_files[provider], key_id), wrapped, parse_data(entry["data"]))
+
+
+def read_in_flight(vm: str, name: str, key_files: dict[str, bytes]) -> bytes:
+    """FORMAT.md 7.7 "Reading a sector", written from the text alone."""
+    with open(os.path.join(vm, ".vmfs-crypt.json"), "rb") as f:
+        doc = json.loads(f.read())
+    assert doc["features"] == ["reencrypt"] and doc["version"] == 1
+    st = doc["reencrypt"]
+    fs = next(f for f in st["files"] if f["name"] == name)
+    assert fs["from"] == doc["files"].get(name)
+    with open(os.path.join(vm, name), "rb") as f:
+        backing = bytearray(f.read())
+    assert len(backing) == fs["size"]
+    b = fs["boundary"]
+    current = next((f for f in st["files"] if f["boundary"] < f["size"]), None)
+    try:
+        with open(os.path.join(vm, ".vmfs-crypt-region"), "rb") as f:
+            raw = f.read()
+        head, body = raw.split(b"\n", 1)
+        h = json.loads(head)
+        n = min(st["regionSize"], fs["size"] - b)
+        if (current is fs and set(h) == {"file", "format", "length", "offset", "sha256", "version"}
+                and h["format"] == "vmfs-crypt-region" and h["version"] == 1 and h["file"] == name
+                and h["offset"] == b and h["length"] == n and len(body) == n
+                and hashlib.sha256(body).hexdigest() == h["sha256"]):
+            backing[b:b + n] = body  # the region's old bytes
+    except (FileNotFoundError, ValueError):
+        pass
+
+    def under(entry, data: bytes, first: int) -> bytes:
+        if entry is None:
+            return data
+        dek = dek_of(entry, key_files)
+        out = bytearray()
+        for i in range(0, len(data), SECTOR):
+            unit = data[i:i + SECTOR]
+            hole = not any(unit) and len(unit) >= 16
+            out += bytes(len(unit)) if hole else xts_unit(dek, first + i // SECTOR, unit, encrypt=False)
+        return bytes(out)
+
+    return under(fs["to"], bytes(backing[:b]), 0) + under(fs["from"], bytes(backing[b:]), b // SECTOR)
+
+
+def assert_holes_kept(vm: str) -> None:
+    fd = os.open(os.path.join(vm, "disk-flat.vmdk"), os.O_RDONLY)
+    try:
+        assert os.lseek(fd, HOLE_AT, os.SEEK_DATA) >= HOLE_END, "the unwritten part of the disk was allocated"
+    finally:
+        os.close(fd)
+    with open(os.path.join(vm, "disk-flat.vmdk"), "rb") as f:
+        f.seek(3 << 20)
+        assert f.read(256 << 10) == bytes(256 << 10), "zero sectors were not stored as holes"
+
+
+def check_plaintext(env, vm: str, files: dict[str, bytes]) -> None:
+    for name in ("disk-flat.vmdk", "vm1.nvram"):
+        got = env.run("cat", os.path.join(vm, name)).stdout
+        assert got == files[name], f"{name}: plaintext differs after the resumed operation"
+
+
+def tamper_mid_region(vm: str, st: dict) -> None:
+    """Make the state of a kill inside step 2 (FORMAT.md 7.7): a valid sidecar and a half-rewritten region."""
+    fs = next(f for f in st["files"] if f["boundary"] < f["size"])
+    b, n = fs["boundary"], min(st["regionSize"], fs["size"] - fs["boundary"])
+    path = os.path.join(vm, fs["name"])
+    with open(path, "r+b") as f:
+        f.seek(b)
+        old = f.read(n)
+        f.seek(b)
+        f.write(os.urandom(n // 2))  # the in-place write was torn half way
+    head = json.dumps({"file": fs["name"], "format": "vmfs-crypt-region", "length": n, "offset": b,
+                       "sha256": hashlib.sha256(old).hexdigest(), "version": 1}).encode()
+    with open(os.path.join(vm, ".vmfs-crypt-region"), "wb") as f:
+        f.write(head + b"\n" + old)
+
+
+@pytest.fixture
+def small_regions(venv_env):
+    venv_env.env["VMFS_CRYPT_REGION_SIZE"] = str(REGION)
+    return venv_env
+
+
+@pytest.mark.cli
+def test_killed_in_place_operations_resume(small_regions, tmp_path):
+    env = small_regions
+    vm, files = make_vm(env.ds)
+    keys = key_file(env)
+    peak = [0]
+    for args, fractions in ((["encrypt"], (0.25, 0.75)), (["rekey", "--deep"], (0.3, 0.6)),
+                            (["decrypt"], (0.2, 0.8))):
+        before = old_dek = None
+        if args[0] == "rekey":
+            with open(os.path.join(vm, "disk.vmdk"), "rb") as f:
+                text = f.read().decode()
+            before = next(ln for ln in text.splitlines() if ln.startswith("encryption.keySafe"))
+            ks = text.split('encryption.keySafe = "')[1].split('"')[0]
+            data = text.split('encryption.data = "')[1].split('"')[0]
+            old_dek = dek_of({"keySafe": ks, "data": data}, keys)
+        for i, fraction in enumerate(fractions):
+            st = run_killed(env, vm, args, fraction, peak)
+            assert st["op"] == ("rekey" if args[0] == "rekey" else args[0])
+            # A reader of FORMAT.md alone decrypts the folder in the middle of the operation.
+            for name in ("disk-flat.vmdk", "vm1.nvram"):
+                assert read_in_flight(vm, name, keys) == files[name], f"{name} unreadable after a kill at {fraction}"
+            with open(os.path.join(vm, "disk.vmdk"), "rb") as f:
+                assert b"encryption." not in f.read(), "a descriptor keys a file under re-encryption"
+            refused = env.run("cat", os.path.join(vm, "disk-flat.vmdk"), check=False)
+            assert refused.returncode != 0 and b"interrupted" in refused.stderr
+            if i == 1:
+                tamper_mid_region(vm, st)  # resume must restore the region from the sidecar
+                assert read_in_flight(vm, "disk-flat.vmdk", keys) == files["disk-flat.vmdk"]
+        out = env.run(*args, vm)
+        assert state(vm) is None and not os.path.exists(os.path.join(vm, ".vmfs-crypt-region")), out.stderr
+        check_plaintext(env, vm, files)
+        assert_holes_kept(vm)
+        if args[0] == "encrypt":
+            with open(os.path.join(vm, "disk.vmdk"), "rb") as f:
+                assert b"encryption.keySafe" in f.read()  # the key went back into the descriptor at the commit
+        if args[0] == "rekey":
+            with open(os.path.join(vm, "disk.vmdk"), "rb") as f:
+                assert before.encode() not in f.read()
+            with open(os.path.join(vm, "disk-flat.vmdk"), "rb") as f:
+                backing = f.read()
+            wrong = decrypt_file(old_dek, backing)
+            plain = files["disk-flat.vmdk"]
+            for s in range(0, len(plain), SECTOR):
+                if any(plain[s:s + SECTOR]):
+                    assert wrong[s:s + SECTOR] != plain[s:s + SECTOR], f"the old DEK decrypts sector {s // SECTOR}"
+    assert not os.path.exists(os.path.join(vm, ".vmfs-crypt.json"))
+    for name, data in files.items():
+        with open(os.path.join(vm, name), "rb") as f:
+            assert f.read() == data, f"{name} differs after encrypt, deep rekey and decrypt"
+    assert 0 < peak[0] <= REGION + 4096, f"the sidecar took {peak[0]} bytes for {REGION}-byte regions"
+
+
+@pytest.mark.cli
+@pytest.mark.fuse
+def test_a_version_1_reader_refuses_a_folder_in_flight(small_regions):
+    """The feature fails closed for readers that do not know it, and the mount refuses the folder's files."""
+    from support import mounted
+    env = small_regions
+    vm, files = make_vm(env.ds)
+    run_killed(env, vm, ["encrypt"], 0.5, [0])
+    with open(os.path.join(vm, ".vmfs-crypt.json"), "rb") as f:
+        doc = json.loads(f.read())
+    assert doc["features"] == ["reencrypt"]  # section 1: unknown features are rejected by older readers
+    with mounted(env) as mnt:
+        with pytest.raises(OSError):
+            with open(os.path.join(mnt, "vm1", "disk-flat.vmdk"), "rb") as f:
+                f.read(4096)
+        with open(os.path.join(mnt, "vm1", "vm1.vmx"), "rb") as f:
+            assert f.read() == files["vm1.vmx"]
+    env.run("encrypt", vm)
+    check_plaintext(env, vm, files)
+
+
+# -- the MUST-reject rules of FORMAT.md 7.7, on the parser alone --------------------------------
+GOLDEN_KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "ds", "vm1", ".vmfs-crypt.json")
+
+
+def in_flight_doc() -> dict:
+    with open(GOLDEN_KEYS, "rb") as f:
+        doc = json.loads(f.read())
+    files = doc["files"]
+    doc["features"] = ["reencrypt"]
+    doc["reencrypt"] = {"op": "rekey", "regionSize": 1 << 20, "kek": doc["kek"],
+                        "files": [{"name": "vm1.nvram", "size": 8708, "boundary": 8708, "from": files["vm1.nvram"],
+                                   "to": files["sparse.vmdk"], "descriptor": None},
+                                  {"name": "vm1-small.bin", "size": 3 << 20, "boundary": 1 << 20,
+                                   "from": files["vm1-small.bin"], "to": files["sparse.vmdk"], "descriptor": None}]}
+    return doc
+
+
+def _parse(doc: dict, allow: bool = True):
+    from vmfs_crypt.format.folder import FolderKeys
+    return FolderKeys.from_bytes(json.dumps(doc).encode(), "k", allow_reencrypt=allow)
+
+
+def test_the_state_parses_and_round_trips():
+    keys = _parse(in_flight_doc())
+    assert keys.reencrypt.current().name == "vm1-small.bin"
+    again = _parse(json.loads(keys.to_bytes()))
+    assert again.reencrypt.to_json() == keys.reencrypt.to_json()
+
+
+def _mutations():
+    def drop(m):
+        return lambda d: d["reencrypt"].pop(m)
+    yield "no feature", lambda d: d.__setitem__("features", [])
+    yield "feature twice", lambda d: d.__setitem__("features", ["reencrypt", "reencrypt"])
+    yield "member missing", lambda d: d.pop("reencrypt")
+    yield "op missing", drop("op")
+    yield "unknown op", lambda d: d["reencrypt"].__setitem__("op", "shred")
+    yield "extra member", lambda d: d["reencrypt"].__setitem__("x", 1)
+    yield "region not a sector multiple", lambda d: d["reencrypt"].__setitem__("regionSize", 1000)
+    yield "region 1.0", lambda d: d["reencrypt"].__setitem__("regionSize", 1048576.0)
+    yield "kek null for rekey", lambda d: d["reencrypt"].__setitem__("kek", None)
+    yield "no files", lambda d: d["reencrypt"].__setitem__("files", [])
+    yield "boundary past size", lambda d: d["reencrypt"]["files"][1].__setitem__("boundary", 4 << 20)
+    yield "boundary off the region grid", lambda d: d["reencrypt"]["files"][1].__setitem__("boundary", 4096)
+    yield "later file started first", lambda d: d["reencrypt"]["files"][0].__setitem__("boundary", 0)
+    yield "to null for rekey", lambda d: d["reencrypt"]["files"][0].__setitem__("to", None)
+    yield "from differs from files", lambda d: d["reencrypt"]["files"][1].__setitem__("from", d["files"]["sparse.vmdk"])
+    yield "from without a files entry", lambda d: d["files"].pop("vm1-small.bin")
+    yield "name twice", lambda d: d["reencrypt"]["files"][1].__setitem__("name", "vm1.nvram")
+    yield "bad name", lambda d: d["reencrypt"]["files"][1].__setitem__("name", "../x")
+    yield "size a string", lambda d: d["reencrypt"]["files"][1].__setitem__("size", "3145728")
+
+
+@pytest.mark.parametrize("what,mutate", list(_mutations()), ids=[m[0] for m in _mutations()])
+def test_a_broken_state_is_rejected(what, mutate):
+    from vmfs_crypt.errors import FormatError
+    doc = in_flight_doc()
+    mutate(doc)
+    with pytest.raises(FormatError):
+        _parse(doc)
+
+
+def test_readers_outside_the_engine_refuse_a_folder_in_flight():
+    from vmfs_crypt.errors import FormatError
+    with pytest.raises(FormatError, match="interrupted"):
+        _parse(in_flight_doc(), allow=False)
+
+
+def test_a_journal_cannot_replace_an_unfinished_state(tmp_path):
+    """Journal rule of 7.7: keys of files under two keys cannot be swapped by a journal until every region is done."""
+    from vmfs_crypt.errors import FormatError
+    from vmfs_crypt.format.folder import FolderKeys, VmFolder
+    from vmfs_crypt.format.journal import check_journal
+    vm = tmp_path / "vm"
+    vm.mkdir()
+    doc = in_flight_doc()
+    (vm / ".vmfs-crypt.json").write_text(json.dumps(doc))
+    for name, size in (("vm1.nvram", 8708), ("vm1-small.bin", 3 << 20)):
+        (vm / name).write_bytes(b"x" * size)
+    current = _parse(doc)
+    new = FolderKeys(current.kek, {n: f.to for n, f in ((f.name, f) for f in current.reencrypt.files)})
+    journal = {"version": 1, "renames": [], "keys": new.to_bytes().decode()}
+    with pytest.raises(FormatError, match="not finished"):
+        check_journal(VmFolder(str(vm)), journal, "j")
+    doc["reencrypt"]["files"][1]["boundary"] = 3 << 20  # every region done: the commit is allowed
+    (vm / ".vmfs-crypt.json").write_text(json.dumps(doc))
+    check_journal(VmFolder(str(vm)), journal, "j")
+    wrong = FolderKeys(current.kek, {n: current.files[n] for n in current.files})  # keeps the old records
+    with pytest.raises(FormatError, match="new key record"):
+        check_journal(VmFolder(str(vm)), {"version": 1, "renames": [], "keys": wrong.to_bytes().decode()}, "j")

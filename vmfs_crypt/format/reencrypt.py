@@ -1,0 +1,179 @@
+"""The state of an in-place re-encryption (docs/FORMAT.md 7.7): the folder key file's `reencrypt` member and the region sidecar."""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+from ..crypto.sectors import SECTOR_SIZE
+from ..errors import FormatError
+from .atomicio import NotRegularFile, fsync_dir, read_fd, open_regular
+from .keysafe import KeyRecord, KeyRef
+from .strict import check_members, exact_int, json_object
+
+REENCRYPT_FEATURE = "reencrypt"
+REGION_NAME = ".vmfs-crypt-region"  # not a temporary-file prefix: recovery without keys must keep it
+REGION_FORMAT = "vmfs-crypt-region"
+OPS = ("encrypt", "decrypt", "rekey")
+DEFAULT_REGION_SIZE = 64 << 20
+MAX_REGION_SIZE = 1 << 30
+
+
+@dataclass
+class ReencryptFile:
+    """One file of the operation: bytes below `boundary` are under `to`, the rest under `frm` (None: plaintext)."""
+
+    name: str
+    size: int
+    boundary: int
+    frm: KeyRecord | None
+    to: KeyRecord | None
+    descriptor: str | None  # the descriptor that gets `to`'s encryption lines at the commit (None: files[name])
+
+    @property
+    def done(self) -> bool:
+        return self.boundary >= self.size
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "size": self.size, "boundary": self.boundary,
+                "from": self.frm.as_json() if self.frm else None, "to": self.to.as_json() if self.to else None,
+                "descriptor": self.descriptor}
+
+
+@dataclass
+class ReencryptState:
+    """The folder's operation in flight (FORMAT.md 7.7)."""
+
+    op: str
+    region_size: int
+    kek: KeyRef | None  # the folder's KEK after the commit (None: the folder becomes plain)
+    files: list[ReencryptFile] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"op": self.op, "regionSize": self.region_size, "kek": self.kek.to_json() if self.kek else None,
+                "files": [f.to_json() for f in self.files]}
+
+    def current(self) -> ReencryptFile | None:
+        """The first file that is not finished (the only one that may have a region in flight)."""
+        return next((f for f in self.files if not f.done), None)
+
+    def entry(self, name: str) -> ReencryptFile | None:
+        return next((f for f in self.files if f.name == name), None)
+
+    @classmethod
+    def from_json(cls, obj, what: str, files: dict[str, KeyRecord]) -> "ReencryptState":
+        """Parse and check the member against the key file's `files` (FormatError on anything FORMAT.md 7.7 rejects)."""
+        what = f"{what}: reencrypt"
+        if not isinstance(obj, dict):
+            raise FormatError(f"{what}: must be an object")
+        check_members(obj, {"op", "regionSize", "kek", "files"}, what)
+        op, region = obj["op"], obj["regionSize"]
+        if op not in OPS:
+            raise FormatError(f"{what}: unknown op {op!r}")
+        if type(region) is not int or region <= 0 or region % SECTOR_SIZE or region > MAX_REGION_SIZE:
+            raise FormatError(f"{what}: regionSize must be a positive multiple of {SECTOR_SIZE} up to {MAX_REGION_SIZE}")
+        kek = None if obj["kek"] is None else KeyRef.from_json(obj["kek"], f"{what}: kek")
+        if (kek is None) != (op == "decrypt"):
+            raise FormatError(f"{what}: kek must be null exactly for decrypt")
+        if not isinstance(obj["files"], list) or not obj["files"]:
+            raise FormatError(f"{what}: files must be a non-empty array")
+        out, seen, started = [], set(), False
+        for i, f in enumerate(obj["files"]):
+            fw = f"{what}: files[{i}]"
+            if not isinstance(f, dict):
+                raise FormatError(f"{fw}: must be an object")
+            check_members(f, {"name", "size", "boundary", "from", "to", "descriptor"}, fw)
+            name, size, boundary, desc = f["name"], f["size"], f["boundary"], f["descriptor"]
+            if not _plain_name(name) or name in seen:
+                raise FormatError(f"{fw}: bad or repeated name {name!r}")
+            seen.add(name)
+            if type(size) is not int or type(boundary) is not int or size < 0 or not 0 <= boundary <= size:
+                raise FormatError(f"{fw}: size and boundary must be integers with 0 <= boundary <= size")
+            if boundary != size and boundary % region:
+                raise FormatError(f"{fw}: boundary {boundary} is neither the size nor a multiple of regionSize")
+            if started and boundary:
+                raise FormatError(f"{fw}: started before an earlier file was finished")
+            if boundary < size:
+                started = True
+            frm = None if f["from"] is None else KeyRecord.from_json(f["from"], f"{fw}: from")
+            to = None if f["to"] is None else KeyRecord.from_json(f["to"], f"{fw}: to")
+            if (frm is None) != (op == "encrypt") or (to is None) != (op == "decrypt"):
+                raise FormatError(f"{fw}: from must be null exactly for encrypt, to exactly for decrypt")
+            if desc is not None and (not _plain_name(desc) or op == "decrypt"):
+                raise FormatError(f"{fw}: bad descriptor {desc!r}")
+            have = files.get(name)
+            if (frm is None and have is not None) or (frm is not None and (have is None or have.as_json() != frm.as_json())):
+                raise FormatError(f"{fw}: files[{name!r}] must be exactly its from record (absent when from is null)")
+            out.append(ReencryptFile(name, size, boundary, frm, to, desc))
+        return cls(op, region, kek, out)
+
+
+def _plain_name(name) -> bool:
+    return isinstance(name, str) and bool(name) and "/" not in name and "\0" not in name and name not in (".", "..")
+
+
+# -- the region sidecar -------------------------------------------------------------------------
+
+def region_path(folder_dir: str) -> str:
+    return os.path.join(folder_dir, REGION_NAME)
+
+
+def write_region(folder_dir: str, name: str, offset: int, old: bytes) -> None:
+    """Save the old bytes of the region about to be rewritten, durably, before a byte of it changes."""
+    header = json.dumps({"format": REGION_FORMAT, "version": 1, "file": name, "offset": offset,
+                         "length": len(old), "sha256": hashlib.sha256(old).hexdigest()}, sort_keys=True)
+    path = region_path(folder_dir)
+    fresh = not os.path.lexists(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(header.encode("utf-8") + b"\n" + old)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if fresh:
+        fsync_dir(folder_dir)
+
+
+def read_region(folder_dir: str, current: ReencryptFile | None, region_size: int) -> tuple[int, bytes] | None:
+    """(offset, old bytes) of a valid sidecar for `current`'s region at its boundary; None when there is none.
+
+    Anything else (torn, stale, for another file or offset) is ignored: the writer changes no
+    byte of a region before its sidecar is complete and fsynced (FORMAT.md 7.7).
+    """
+    if current is None:
+        return None
+    want = min(region_size, current.size - current.boundary)
+    try:
+        fd = open_regular(region_path(folder_dir))
+    except FileNotFoundError:
+        return None
+    except NotRegularFile:
+        raise FormatError(f"{region_path(folder_dir)}: not a regular file; remove it by hand") from None
+    try:
+        raw = read_fd(fd, want + 4096)
+    finally:
+        os.close(fd)
+    nl = raw.find(b"\n")
+    if nl < 0:
+        return None
+    try:
+        head = json_object(raw[:nl], REGION_NAME)
+        check_members(head, {"format", "version", "file", "offset", "length", "sha256"}, REGION_NAME)
+    except FormatError:
+        return None
+    body = raw[nl + 1:]
+    if (head["format"] != REGION_FORMAT or not exact_int(head["version"], 1) or head["file"] != current.name
+            or not exact_int(head["offset"], current.boundary) or not exact_int(head["length"], want)
+            or len(body) != want or head["sha256"] != hashlib.sha256(body).hexdigest()):
+        return None
+    return current.boundary, body
+
+
+def remove_region(folder_dir: str) -> None:
+    try:
+        os.unlink(region_path(folder_dir))
+    except FileNotFoundError:
+        return
+    fsync_dir(folder_dir)

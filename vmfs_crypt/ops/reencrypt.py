@@ -1,0 +1,235 @@
+"""In-place re-encryption of a folder's files, region by region, resumable after a crash (FORMAT.md 7.7, issue 10).
+
+Each region [b, b+R) is copied to the sidecar and fsynced, rewritten in place and fsynced,
+and only then is the boundary advanced by an atomic rewrite of the folder key file: extra
+space is one region, not a copy of the file. The key metadata switches to the new keys at
+the end, in one journal commit (ops/transaction.py).
+"""
+
+import errno
+import os
+import stat
+from typing import Callable
+
+from ..agent.protocol import KeyAccess
+from ..crypto.sectors import SECTOR_SIZE
+from ..crypto.xts import SectorCipher
+from ..errors import DataError, FormatError, UsageError
+from ..format.folder import FolderKeys
+from ..format.holes import decrypt_sectors, nonzero_runs, zero_sector_mask
+from ..format.keysafe import KeyRecord, KeyRef
+from ..format.reencrypt import (DEFAULT_REGION_SIZE, MAX_REGION_SIZE, ReencryptFile, ReencryptState, read_region,
+                                remove_region, write_region)
+from ..fs.sectorio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate, pwrite_all
+from .inuse import Access
+from .transaction import FolderTransaction
+
+REGION_ENV = "VMFS_CRYPT_REGION_SIZE"  # bytes per region; small values let tests make many regions
+WRITE_CHUNK = 4 << 20
+ProgressFactory = Callable[[int, str], object]
+
+
+def region_size() -> int:
+    raw = os.environ.get(REGION_ENV)
+    if not raw:
+        return DEFAULT_REGION_SIZE
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value <= 0 or value % SECTOR_SIZE or value > MAX_REGION_SIZE:
+        raise UsageError(f"{REGION_ENV}={raw!r}: a region is a positive multiple of {SECTOR_SIZE} bytes, "
+                         f"at most {MAX_REGION_SIZE}")
+    return value
+
+
+def start(tx: FolderTransaction, op: str, kek: KeyRef | None, base: FolderKeys, entries: list[ReencryptFile],
+          strip: list[str]) -> FolderKeys | None:
+    """Record the operation: the key file gets the state (and every `from` record), keyed descriptors lose their lines.
+
+    One journal commit, so that afterwards each file of the operation is keyed only by the
+    state, which readers that do not know it refuse (FORMAT.md 7.7).
+    """
+    if not entries:  # nothing to rewrite: only the key metadata changes
+        for name in strip:
+            tx.stage_descriptor(name, None)
+        tx.commit(None if op == "decrypt" else FolderKeys(kek, {}))
+        return None
+    files = dict(base.files)
+    for f in entries:
+        if f.frm is not None:
+            files[f.name] = f.frm
+    keys = FolderKeys(base.kek, files, ReencryptState(op, region_size(), kek, entries))
+    for name in strip:
+        tx.stage_descriptor(name, None)
+    tx.commit(keys)
+    return keys
+
+
+def resume(tx: FolderTransaction, keys: KeyAccess, progress: ProgressFactory) -> ReencryptState | None:
+    """Finish an interrupted in-place operation of the folder (None: there was none)."""
+    folder = tx.folder
+    if not folder.encrypted:
+        return None
+    current = folder.load_keys(allow_reencrypt=True)
+    if current.reencrypt is None:
+        return None
+    tx.check_in_use(Access.DATA)
+    # Resuming reads data already under the new keys (an encrypt's too): the agent checks the
+    # privilege of reading data, not of encrypting, which never hands out such a DEK (issue 11).
+    purpose = "rekey" if current.reencrypt.op == "rekey" else "decrypt"
+    before = getattr(keys, "purpose", None)
+    if hasattr(keys, "purpose"):
+        keys.purpose = purpose
+    try:
+        run(tx, keys, current, progress)
+    finally:
+        if hasattr(keys, "purpose"):
+            keys.purpose = before
+    return current.reencrypt
+
+
+def _open_rw(path: str) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DataError(f"{path}: not a regular file")
+    return fd
+
+
+def _cipher(keys: KeyAccess, record: KeyRecord | None, what: str) -> SectorCipher | None:
+    return SectorCipher(keys.unwrap(record, what)) if record is not None else None
+
+
+def transform(old: bytes, first: int, frm: SectorCipher | None, to: SectorCipher | None) -> bytes:
+    """The new backing bytes of sectors `first`... : decrypted under `frm`, encrypted under `to`; holes stay holes."""
+    plain = decrypt_sectors(frm, first, old) if frm is not None else old
+    if to is None:
+        return plain
+    out = bytearray(len(plain))
+    for a, b in nonzero_runs(plain):
+        out[a:b] = to.encrypt(first + a // SECTOR_SIZE, plain[a:b])
+    return bytes(out)
+
+
+def _runs(mask) -> list[tuple[int, int]]:
+    """(first, end) sector indexes of the runs of True in `mask`."""
+    import numpy as np
+
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask, [0])).astype(np.int8)))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def store(fd: int, offset: int, new: bytes, now: bytes, what: str) -> None:
+    """Make the backing bytes at `offset` `new` (they are `now`), writing only sectors that differ.
+
+    A sector that becomes all zero is punched out rather than written, so holes stay holes
+    (FORMAT.md 3.4, 7.7): a thin disk does not fill up by being re-encrypted or recovered.
+    """
+    import numpy as np
+
+    pad = -len(new) % SECTOR_SIZE
+    a = np.frombuffer(new + bytes(pad), dtype=np.uint8).reshape(-1, SECTOR_SIZE)
+    b = np.frombuffer(now + bytes(pad), dtype=np.uint8).reshape(-1, SECTOR_SIZE)
+    differ = (a != b).any(axis=1)
+    zero = zero_sector_mask(new)
+    for first, end in _runs(differ & ~zero):
+        lo, hi = first * SECTOR_SIZE, min(end * SECTOR_SIZE, len(new))
+        done, err = pwrite_all(fd, new[lo:hi], offset + lo)
+        if err is not None:
+            raise DataError(f"{what}: write failed at byte {offset + lo + done}: {err.strerror}; the operation "
+                            "stopped and resumes from its saved region when run again") from None
+    for first, end in _runs(differ & zero):
+        lo, hi = first * SECTOR_SIZE, min(end * SECTOR_SIZE, len(new))
+        try:
+            fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset + lo, hi - lo)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise DataError(f"{what}: cannot clear bytes {offset + lo}-{offset + hi}: {exc.strerror}") from None
+            done, err = pwrite_all(fd, new[lo:hi], offset + lo)  # no holes here: zeros read the same
+            if err is not None:
+                raise DataError(f"{what}: write failed at byte {offset + lo + done}: {err.strerror}") from None
+
+
+def _write_in_place(fd: int, offset: int, old: bytes, first: int, frm, to, what: str) -> None:
+    for start_ in range(0, len(old), WRITE_CHUNK):
+        part = old[start_:start_ + WRITE_CHUNK]
+        store(fd, offset + start_, transform(part, first + start_ // SECTOR_SIZE, frm, to), part, what)
+
+
+def _read_exact(fd: int, size: int, offset: int, what: str) -> bytes:
+    parts, got = [], 0
+    while got < size:
+        chunk = os.pread(fd, size - got, offset + got)
+        if not chunk:
+            raise DataError(f"{what}: shorter than recorded ({offset + got} bytes) during an in-place re-encryption")
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def run(tx: FolderTransaction, keys: KeyAccess, current: FolderKeys | None, progress: ProgressFactory,
+        fresh: dict[str, bytes] | None = None) -> None:
+    """Carry the recorded operation to its end (from where it stopped) and commit its new keys.
+
+    `fresh`: file name -> the new DEK just made for it (so a first run needs no unwrap of it).
+    """
+    if current is None:
+        return  # start() had nothing to rewrite and committed already
+    folder = tx.folder
+    state = current.reencrypt
+    d = folder.backing_dir
+    for f in state.files:
+        if folder.descriptor_record_for(f.name) is not None:
+            raise FormatError(f"{os.path.join(d, f.name)}: keyed by a descriptor during an in-place {state.op}; "
+                              "refusing to guess which key its sectors are under")
+    left = sum(f.size - f.boundary for f in state.files)
+    label = {"encrypt": "encrypting", "decrypt": "decrypting", "rekey": "deep rekey"}[state.op]
+    with progress(left, label) as bar:
+        for f in state.files:
+            if f.done:
+                continue
+            what = os.path.join(d, f.name)
+            frm = _cipher(keys, f.frm, what)
+            to = SectorCipher(fresh.pop(f.name)) if fresh and f.name in fresh else _cipher(keys, f.to, what)
+            fd = _open_rw(what)
+            try:
+                if os.fstat(fd).st_size != f.size:
+                    raise DataError(f"{what}: is {os.fstat(fd).st_size} bytes, but its in-place {state.op} began at "
+                                    f"{f.size}; it was changed meanwhile: restore it from a backup")
+                saved = read_region(d, f, state.region_size)
+                if saved is not None:
+                    # Interrupted inside this region: put its old bytes back, then redo it whole.
+                    off, old = saved
+                    store(fd, off, old, _read_exact(fd, len(old), off, what), what)
+                    os.fsync(fd)
+                while not f.done:
+                    off = f.boundary
+                    n = min(state.region_size, f.size - off)
+                    old = _read_exact(fd, n, off, what)
+                    write_region(d, f.name, off, old)
+                    _write_in_place(fd, off, old, off // SECTOR_SIZE, frm, to, what)
+                    os.fsync(fd)
+                    f.boundary = off + n
+                    folder.save_keys(current)  # the boundary moves: the region is under the new key now
+                    bar.update(n)
+            finally:
+                os.close(fd)
+    remove_region(d)
+    _commit(tx, current)
+
+
+def _commit(tx: FolderTransaction, current: FolderKeys) -> None:
+    """Switch the key metadata to the new keys in one journal commit (decrypt: the folder becomes plain)."""
+    state = current.reencrypt
+    tx.check_in_use(Access.DATA)  # our own writes changed the files: look again from here
+    if state.op == "decrypt":
+        tx.commit(None)
+        return
+    files = {n: r for n, r in current.files.items() if state.entry(n) is None}
+    for f in state.files:
+        if f.descriptor is not None:
+            tx.stage_descriptor(f.descriptor, f.to)
+        else:
+            files[f.name] = f.to
+    tx.commit(FolderKeys(state.kek, files))
