@@ -126,9 +126,10 @@ def write_region(folder_dir: str, name: str, offset: int, old: bytes) -> None:
     fresh = not os.path.lexists(path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        view = memoryview(header.encode("utf-8") + b"\n" + old)
-        while view:
-            view = view[os.write(fd, view):]
+        for part in (header.encode("utf-8") + b"\n", old):  # not concatenated: a region is up to 1 GiB
+            view = memoryview(part)
+            while view:
+                view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)

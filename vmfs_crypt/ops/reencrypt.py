@@ -26,6 +26,7 @@ from .transaction import FolderTransaction
 
 REGION_ENV = "VMFS_CRYPT_REGION_SIZE"  # bytes per region; small values let tests make many regions
 WRITE_CHUNK = 4 << 20
+_ZERO_BLOCK = bytes(16)  # every hole holds one; real ciphertext almost never does
 ProgressFactory = Callable[[int, str], object]
 
 
@@ -106,6 +107,8 @@ def transform(old: bytes, first: int, frm: SectorCipher | None, to: SectorCipher
     plain = decrypt_sectors(frm, first, old) if frm is not None else old
     if to is None:
         return plain
+    if _ZERO_BLOCK not in plain:
+        return to.encrypt(first, plain)  # no sector of zeros: nothing to keep as a hole
     out = bytearray(len(plain))
     for a, b in nonzero_runs(plain):
         out[a:b] = to.encrypt(first + a // SECTOR_SIZE, plain[a:b])
@@ -120,19 +123,34 @@ def _runs(mask) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
 
 
-def store(fd: int, offset: int, new: bytes, now: bytes, what: str) -> None:
-    """Make the backing bytes at `offset` `new` (they are `now`), writing only sectors that differ.
+def store(fd: int, offset: int, new: bytes, now: bytes, what: str, exact: bool = False) -> None:
+    """Make the backing bytes at `offset` `new` (they are `now`), writing only sectors that must change.
 
     A sector that becomes all zero is punched out rather than written, so holes stay holes
     (FORMAT.md 3.4, 7.7): a thin disk does not fill up by being re-encrypted or recovered.
+    A sector all zero before and after is never written; `exact` (a restore from the sidecar)
+    also skips every sector that already holds its bytes.
     """
     import numpy as np
 
-    pad = -len(new) % SECTOR_SIZE
-    a = np.frombuffer(new + bytes(pad), dtype=np.uint8).reshape(-1, SECTOR_SIZE)
-    b = np.frombuffer(now + bytes(pad), dtype=np.uint8).reshape(-1, SECTOR_SIZE)
-    differ = (a != b).any(axis=1)
-    zero = zero_sector_mask(new)
+    if not exact and _ZERO_BLOCK not in new and _ZERO_BLOCK not in now:
+        # Fast path (a fully written disk): no sector of either is a hole, so all of it is written.
+        differ = zero = None
+    else:
+        pad = -len(new) % SECTOR_SIZE
+        zero = zero_sector_mask(new)
+        if exact:
+            a = np.frombuffer(new + bytes(pad) if pad else new, dtype=np.uint8).reshape(-1, SECTOR_SIZE)
+            b = np.frombuffer(now + bytes(pad) if pad else now, dtype=np.uint8).reshape(-1, SECTOR_SIZE)
+            differ = (a != b).any(axis=1)
+        else:
+            differ = ~(zero & zero_sector_mask(now))
+    if differ is None:
+        done, err = pwrite_all(fd, new, offset)
+        if err is not None:
+            raise DataError(f"{what}: write failed at byte {offset + done}: {err.strerror}; the operation "
+                            "stopped and resumes from its saved region when run again") from None
+        return
     for first, end in _runs(differ & ~zero):
         lo, hi = first * SECTOR_SIZE, min(end * SECTOR_SIZE, len(new))
         done, err = pwrite_all(fd, new[lo:hi], offset + lo)
@@ -201,7 +219,7 @@ def run(tx: FolderTransaction, keys: KeyAccess, current: FolderKeys | None, prog
                 if saved is not None:
                     # Interrupted inside this region: put its old bytes back, then redo it whole.
                     off, old = saved
-                    store(fd, off, old, _read_exact(fd, len(old), off, what), what)
+                    store(fd, off, old, _read_exact(fd, len(old), off, what), what, exact=True)
                     os.fsync(fd)
                 while not f.done:
                     off = f.boundary
