@@ -185,7 +185,8 @@ def decrypt_folder(path: str, keys: KeyAccess, progress: ProgressFactory) -> Fol
         entries: list[ReencryptFile] = []
         for f in todo:
             record = folder.key_record_for(f.name)
-            entries.append(ReencryptFile(f.name, f.size, 0, record, None, None))
+            if record is not None:  # an empty file without a key (_missing allows it) has nothing to decrypt
+                entries.append(ReencryptFile(f.name, f.size, 0, record, None, None))
         strip = [os.path.basename(d.path) for d in folder.descriptors() if d.has_encryption_lines]
         current = reencrypt.start(tx, "decrypt", None, base, entries, strip)
         reencrypt.run(tx, keys, current, progress)
