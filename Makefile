@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse2 qemu-utils qemu-system-x86 fio botan nasm gocryptfs libssl-dev libfuse3-dev pkg-config gcc python3.11
 STAMP := $(VENV)/.installed
 
-.PHONY: deps test test-unit demo bench bench-quick bench-guest kms clean
+.PHONY: deps test test-unit demo bench bench-quick bench-guest kms clean install uninstall
 
 deps: $(STAMP)
 
@@ -56,6 +56,30 @@ kms: deps
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# install (issue 9): a `vmfs-crypt` launcher in $(SBINDIR) that runs this checkout's venv, where
+# mount.fuse3 (mount -t fuse.vmfs-crypt, fstab) and systemd find it (mount gives its helpers
+# no PATH: /bin/sh's default one has /usr/local/sbin), and the systemd units. DESTDIR works.
+PREFIX ?= /usr/local
+SBINDIR ?= $(PREFIX)/sbin
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+VMFS_CRYPT_BIN ?= $(CURDIR)/$(VENV)/bin/vmfs-crypt
+UNITS := packaging/systemd/vmfs-crypt-agent.service packaging/systemd/vmfs-crypt@.service
+install: deps
+	@if [ -e $(DESTDIR)$(SBINDIR)/vmfs-crypt ] && ! grep -q 'vmfs-crypt launcher' $(DESTDIR)$(SBINDIR)/vmfs-crypt; then \
+	  echo "$(DESTDIR)$(SBINDIR)/vmfs-crypt exists and is not our launcher; not replacing it" >&2; exit 1; fi
+	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(UNITDIR)
+	sed 's#@VMFS_CRYPT@#$(VMFS_CRYPT_BIN)#' packaging/vmfs-crypt.launcher > $(DESTDIR)$(SBINDIR)/vmfs-crypt.tmp
+	chmod 755 $(DESTDIR)$(SBINDIR)/vmfs-crypt.tmp && mv $(DESTDIR)$(SBINDIR)/vmfs-crypt.tmp $(DESTDIR)$(SBINDIR)/vmfs-crypt
+	for u in $(UNITS); do sed 's#/usr/local/sbin/vmfs-crypt#$(SBINDIR)/vmfs-crypt#' $$u > $(DESTDIR)$(UNITDIR)/$$(basename $$u); \
+	  chmod 644 $(DESTDIR)$(UNITDIR)/$$(basename $$u); done
+	install -d -m 700 $(DESTDIR)/etc/vmfs-crypt
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed $(DESTDIR)$(SBINDIR)/vmfs-crypt (runs $(VMFS_CRYPT_BIN)) and the units in $(DESTDIR)$(UNITDIR)"
+
+uninstall:
+	@if grep -q 'vmfs-crypt launcher' $(DESTDIR)$(SBINDIR)/vmfs-crypt 2>/dev/null; then rm -f $(DESTDIR)$(SBINDIR)/vmfs-crypt; fi
+	rm -f $(addprefix $(DESTDIR)$(UNITDIR)/,$(notdir $(UNITS)))
 
 # -- native data path (vmfs_crypt._native, native/*.c) ---------------------------------------
 # `pip install -e .` builds the extension in place; rebuild it when its sources change.

@@ -32,7 +32,9 @@ cli.add_command(provider.provider)
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        argv = mount.helper_argv(argv, cli.commands) or argv  # `vmfs-crypt DATASTORE MOUNTPOINT -o OPTS` (mount.fuse)
         status = cli.main(args=argv, prog_name="vmfs-crypt", standalone_mode=False)
         # A command that ends with click.exceptions.Exit(code) (e.g. `info` of a damaged folder,
         # after its report) comes back here as that code.

@@ -16,12 +16,17 @@ def agent():
 
 
 @agent.command("start")
+@click.option("--foreground", "-f", is_flag=True,
+              help="Serve in this process (vmfs-crypt-agent.service: logs to the journal, tells systemd when ready).")
 @pass_ctx
-def agent_start(c):
+def agent_start(c, foreground):
     """Start a key agent for this configuration (it runs until 'agent stop')."""
     sock = agent_socket(c.config)
     if AgentClient(sock).alive():
         raise AgentError(f"an agent already runs on {sock}")
+    if foreground:
+        from ..agent.__main__ import main as agent_main
+        raise click.exceptions.Exit(agent_main(["--config", c.config.path, "--socket", sock, "--notify"]))
     pid = spawn_agent(c.config, sock, sidecar=False)
     click.echo(f"agent {pid} listening on {c.config.agent_socket}")
 
