@@ -7,6 +7,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -228,7 +229,8 @@ def _notify_socket(base: str) -> tuple[socket.socket, str]:
     return sock, path
 
 
-def test_foreground_mount_tells_systemd_ready_when_live_and_stopping_on_unmount(enc_env):
+@pytest.mark.parametrize("stop", ["umount", "sigterm"])  # sigterm: what `systemctl stop` does
+def test_foreground_mount_tells_systemd_ready_when_live_and_stopping_on_unmount(enc_env, stop):
     mnt = os.path.join(enc_env.base, "mnt")
     os.makedirs(mnt)
     enc_env.mounts.append(mnt)
@@ -242,9 +244,13 @@ def test_foreground_mount_tells_systemd_ready_when_live_and_stopping_on_unmount(
         assert "READY=1" in msg.splitlines(), msg
         assert f"STATUS=serving {os.path.realpath(enc_env.datastore)} at {os.path.realpath(mnt)}" in msg
         assert live, "READY=1 came once the mount was live"
-        enc_env.run("umount", mnt)
+        if stop == "umount":
+            enc_env.run("umount", mnt)
+        else:
+            proc.terminate()
         assert "STOPPING=1" in notify.recv(4096).decode().splitlines()
         assert proc.wait(timeout=DEADLINE_S) == 0
+        assert not is_mounted(mnt)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -412,3 +418,38 @@ def test_qemu_img_map_in_the_mount_matches_the_plaintext_disk(enc_env, tmp_path)
     assert [e for e in expected if not e["zero"]], "the plaintext disk has data extents"
     assert [e for e in expected if e["zero"]], "and holes (a flat VMDK's holes map as zero)"
     assert inside == expected
+
+
+# -- libvirt's dynamic ownership: a descriptor's extents follow its owner and mode ---------------
+
+@needs_root
+def test_chown_and_chmod_of_a_descriptor_reach_its_extent(enc_env):
+    """Issue 9: libvirt chowns the descriptor it is given; QEMU (another user) then got EACCES on the extent."""
+    from support.users import unix_user
+    backing_flat = os.path.join(enc_env.datastore, "vm1", "disk-flat.vmdk")
+    with unix_user("qemu") as qemu:
+        mnt = tempfile.mkdtemp(prefix="vmfs-mnt-", dir="/tmp")  # reachable by the other user
+        os.chmod(mnt, 0o755)
+        try:
+            with mounted(enc_env, mnt, "--allow-other") as m:
+                desc, flat = os.path.join(m, "vm1", "disk.vmdk"), os.path.join(m, "vm1", "disk-flat.vmdk")
+                assert qemu.run(["head", "-c", "512", flat]).returncode != 0, "the extent is 0600 root at first"
+                os.chown(desc, qemu.uid, qemu.gid)  # what libvirt's dynamic ownership does
+                st = os.stat(backing_flat)
+                assert (st.st_uid, st.st_gid) == (qemu.uid, qemu.gid)
+                read = qemu.run(["head", "-c", "512", flat])
+                assert read.returncode == 0 and read.stdout == bytes(512), read.stderr
+                info = qemu.run(["qemu-img", "info", "--output=json", desc]) if shutil.which("qemu-img") else None
+                assert info is None or info.returncode == 0, info.stderr
+                os.chmod(desc, 0o640)
+                assert stat.S_IMODE(os.stat(backing_flat).st_mode) == 0o640
+                os.chown(desc, 0, 0)  # libvirt gives the files back when the domain stops
+                assert os.stat(backing_flat).st_uid == 0
+                # an extent with another owner than its descriptor does not follow it
+                os.chown(backing_flat, 4242, 4242)
+                os.chown(desc, qemu.uid, qemu.gid)
+                os.chmod(desc, 0o600)
+                st = os.stat(backing_flat)
+                assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (4242, 0o640)
+        finally:
+            os.rmdir(mnt)

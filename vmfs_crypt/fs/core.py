@@ -297,19 +297,62 @@ class VmfsCore:
         sv = os.statvfs(self.tree.root_fd)
         return {k: getattr(sv, k) for k in STATFS_FIELDS}
 
+    def _following_extents(self, e: Entry, st: os.stat_result, same_group: bool) -> list[str]:
+        """The extents (in its folder) of the descriptor at `e` that follow its owner and mode.
+
+        Issue 9: libvirt's dynamic ownership chowns the descriptor it was given, not the flat
+        extent `create` made 0600 root, so QEMU got EACCES on the extent. An extent follows
+        when it is a regular file with the descriptor's owner (and group, for chown) before the
+        change: a descriptor's owner never reaches a file someone else owns.
+        """
+        if not stat.S_ISREG(st.st_mode) or st.st_size > DESCRIPTOR_MAX_SIZE:
+            return []
+        try:
+            _, text = self._descriptor_keys_at(e)
+        except (OSError, VmfsCryptError):
+            return []
+        out = []
+        for extent in {x.file_name for x in extents(text) if x.file_name}:
+            if "/" in extent or extent in (".", "..", e.name) or is_hidden_name(extent):
+                continue
+            try:
+                xs = os.stat(extent, dir_fd=e.dirfd, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(xs.st_mode) and xs.st_uid == st.st_uid and (not same_group or xs.st_gid == st.st_gid):
+                out.append(extent)
+        return sorted(out)
+
     def chmod(self, path: str, mode: int) -> None:
         with self.tree.entry(path) as e:
             fd = os.open(e.at, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=e.dirfd)
             try:
-                if stat.S_ISLNK(os.fstat(fd).st_mode):
+                st = os.fstat(fd)
+                if stat.S_ISLNK(st.st_mode):
                     raise OSError(errno.EOPNOTSUPP, "symlinks have no mode of their own")
+                followers = self._following_extents(e, st, same_group=False)
                 os.chmod(f"/proc/self/fd/{fd}", mode)
             finally:
                 os.close(fd)
+            for extent in followers:
+                self._chmod_at(e.dirfd, extent, mode)
+
+    @staticmethod
+    def _chmod_at(dirfd: int, name: str, mode: int) -> None:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.chmod(f"/proc/self/fd/{fd}", mode)
+        finally:
+            os.close(fd)
 
     def chown(self, path: str, uid: int, gid: int) -> None:
         with self.tree.entry(path) as e:
+            st = os.stat(e.at, dir_fd=e.dirfd, follow_symlinks=False)
+            followers = self._following_extents(e, st, same_group=True)
             os.chown(e.at, uid, gid, dir_fd=e.dirfd, follow_symlinks=False)
+            for extent in followers:
+                os.chown(extent, uid, gid, dir_fd=e.dirfd, follow_symlinks=False)
 
     def utimens(self, path: str, times_ns: tuple[int, int] | None) -> None:
         """Set (atime, mtime) in ns; either may be UTIME_NOW or UTIME_OMIT, as utimensat(2) allows."""

@@ -128,9 +128,11 @@ def serve_fuse(core: VmfsCore, mountpoint: str, fuse_options: dict, on_ready) ->
     max_read = options.get("max_read")
     log.info("libfuse %d.%d", mfusepy.fuse_version_major, mfusepy.fuse_version_minor)
     messages = FuseMessages()
+    was_live = threading.Event()
 
     def live() -> None:
         messages.release()
+        was_live.set()
         on_ready()
     ops = FuseOperations(core, on_init=lambda: _when_live(mountpoint, live),
                          max_read=int(max_read) if max_read else None)
@@ -145,6 +147,11 @@ def serve_fuse(core: VmfsCore, mountpoint: str, fuse_options: dict, on_ready) ->
         else:
             VmfsFuse(ops, mountpoint, foreground=True, nothreads=False, **options)
     except RuntimeError as exc:  # mfusepy: fuse_main returned non-zero
+        if was_live.is_set():
+            # libfuse ends a live loop with the signal's number on SIGTERM/SIGINT/SIGHUP (systemctl
+            # stop), after unmounting: a normal stop.
+            log.info("the FUSE loop ended (%s): unmounted", exc)
+            return
         said = messages.release()
         raise MountError(f"{mountpoint}: FUSE mount failed: {said}" if said
                          else f"{mountpoint}: FUSE mount failed ({exc})") from None
