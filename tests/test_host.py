@@ -2,6 +2,8 @@
 
 import json
 import os
+import pwd
+import select
 import shutil
 import socket
 import stat
@@ -229,14 +231,20 @@ def _notify_socket(base: str) -> tuple[socket.socket, str]:
     return sock, path
 
 
-@pytest.mark.parametrize("stop", ["umount", "sigterm"])  # sigterm: what `systemctl stop` does
-def test_foreground_mount_tells_systemd_ready_when_live_and_stopping_on_unmount(enc_env, stop):
+@pytest.mark.parametrize("stop, how", [("umount", "args"), ("sigterm", "args"), ("sigterm", "name")])
+def test_foreground_mount_tells_systemd_ready_when_live_and_stopping_on_unmount(enc_env, stop, how):
+    """sigterm: what `systemctl stop` does; name: vmfs-crypt@NAME.service's `mount --foreground --name NAME`."""
     mnt = os.path.join(enc_env.base, "mnt")
     os.makedirs(mnt)
     enc_env.mounts.append(mnt)
     notify, path = _notify_socket(enc_env.runtime)
     from support import CLI
-    proc = subprocess.Popen(CLI + ["mount", "--foreground", enc_env.datastore, mnt], env=dict(enc_env.env,
+    args = [enc_env.datastore, mnt]
+    if how == "name":
+        with open(enc_env.config, "a", encoding="utf-8") as f:
+            f.write(f'\n[mounts.store1]\ndatastore = "{enc_env.datastore}"\nmountpoint = "{mnt}"\n')
+        args = ["--name", "store1"]
+    proc = subprocess.Popen(CLI + ["mount", "--foreground", *args], env=dict(enc_env.env,
                             NOTIFY_SOCKET=path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=enc_env.base)
     try:
         msg = notify.recv(4096).decode()
@@ -453,3 +461,113 @@ def test_chown_and_chmod_of_a_descriptor_reach_its_extent(enc_env):
                 assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (4242, 0o640)
         finally:
             os.rmdir(mnt)
+
+
+# -- a real libvirt ------------------------------------------------------------------------------
+
+LIBVIRT_CONF = """\
+unix_sock_dir = "{sock_dir}"
+auth_unix_rw = "none"
+auth_unix_ro = "none"
+"""
+DOMAIN_XML = """\
+<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='vmdk' cache='none'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+  </devices>
+</domain>
+"""
+
+
+def _wait_for(cond, what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.fixture
+def libvirt():
+    """A private libvirtd (its socket in a folder of ours) and virtlogd; stopped by pid afterwards."""
+    for tool in ("libvirtd", "virtlogd", "virsh", "qemu-system-x86_64"):
+        if not shutil.which(tool):
+            pytest.skip(f"needs {tool} (Debian packages libvirt-daemon-system, libvirt-clients, qemu-system-x86)")
+    if os.geteuid() != 0:
+        pytest.skip("the system libvirtd (QEMU as libvirt-qemu, dynamic ownership) needs root")
+    base = tempfile.mkdtemp(prefix="vmfs-lv-", dir="/tmp")  # short: AF_UNIX paths
+    started = []
+    try:
+        if not os.path.exists("/run/libvirt/virtlogd-sock"):
+            subprocess.run(["virtlogd", "-d", "-p", f"{base}/virtlogd.pid"], check=True, timeout=60)
+            _wait_for(lambda: _read_pid(f"{base}/virtlogd.pid"), "virtlogd")
+            started.append(_read_pid(f"{base}/virtlogd.pid"))
+        sock_dir = os.path.join(base, "sock")
+        os.mkdir(sock_dir)
+        with open(os.path.join(base, "libvirtd.conf"), "w") as f:
+            f.write(LIBVIRT_CONF.format(sock_dir=sock_dir))
+        subprocess.run(["libvirtd", "-d", "-f", f"{base}/libvirtd.conf", "-p", f"{base}/libvirtd.pid"], check=True,
+                       timeout=60)
+        _wait_for(lambda: _read_pid(f"{base}/libvirtd.pid"), "libvirtd's pid file")
+        started.append(_read_pid(f"{base}/libvirtd.pid"))
+        uri = f"qemu:///system?socket={sock_dir}/libvirt-sock"
+        _wait_for(lambda: subprocess.run(["virsh", "-c", uri, "list"], capture_output=True).returncode == 0,
+                  "libvirtd to answer")
+        yield uri
+    finally:
+        for pid in reversed([p for p in started if p]):
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            os.kill(pid, 15)
+            select.select([pidfd], [], [], DEADLINE_S)
+            os.close(pidfd)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.qemu
+def test_libvirt_domain_runs_from_the_mount_without_a_hand_fix_and_umount_names_qemu(enc_env, libvirt):
+    """The README's libvirt recipe: --allow-other, the descriptor in <source file>; libvirt chowns it, the
+    extent follows, QEMU (libvirt-qemu, in libvirt's own mount namespace) runs; umount refuses, naming it."""
+    mnt = tempfile.mkdtemp(prefix="vmfs-mnt-", dir="/tmp")
+    os.chmod(mnt, 0o755)
+    name = f"vmfs-crypt-test-{os.getpid()}"
+    xml = os.path.join(enc_env.base, "domain.xml")
+    backing_flat = os.path.join(enc_env.datastore, "vm1", "disk-flat.vmdk")
+    virsh = ["virsh", "-c", libvirt]
+    try:
+        with mounted(enc_env, mnt, "--allow-other") as m:
+            with open(xml, "w") as f:
+                f.write(DOMAIN_XML.format(name=name, disk=os.path.join(m, "vm1", "disk.vmdk")))
+            created = subprocess.run(virsh + ["create", xml], capture_output=True, text=True, timeout=120)
+            assert created.returncode == 0, created.stderr
+            try:
+                state = subprocess.run(virsh + ["domstate", name], capture_output=True, text=True).stdout.strip()
+                assert state == "running"
+                qemu_uid = pwd.getpwnam("libvirt-qemu").pw_uid
+                assert os.stat(backing_flat).st_uid == qemu_uid, "libvirt's chown of the descriptor reached the extent"
+                proc = enc_env.run("umount", m, check=False, timeout=120)
+                err = proc.stderr.decode()
+                assert proc.returncode == 11, err
+                assert "qemu-system" in err and "another mount namespace" in err and "disk-flat.vmdk" in err, err
+                assert is_mounted(m)
+            finally:
+                subprocess.run(virsh + ["destroy", name], capture_output=True, timeout=120)
+            assert os.stat(backing_flat).st_uid == 0, "libvirt gave the descriptor back, and the extent with it"
+    finally:
+        os.rmdir(mnt)

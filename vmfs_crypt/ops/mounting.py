@@ -12,7 +12,7 @@ from ..config import Config
 from ..daemon import under_journal
 from ..errors import InUseError, MountError
 from ..fs.dslock import lock_info
-from ..fs.mounts import MountEntry, check_mount_args, is_mounted, mounts, vmfs_mounts
+from ..fs.mounts import MountEntry, check_mount_args, mounts, vmfs_mounts
 from ..procs import raise_for, spawn_detached
 from ..runtime import ensure_runtime_dir
 from ..sysutil import proc_cmdline
