@@ -1,7 +1,7 @@
 """The layers of vmfs_crypt import downwards only (README "Layout", docs/ARCHITECTURE.md).
 
 crypto -> format -> config -> providers -> agent -> fs (the FUSE-free core) -> fuse (adapter) | ops -> cli,
-with errors.py, sysutil.py and procs.py below everything. Only the FUSE adapter imports the FUSE
+with errors.py, sysutil.py, procs.py and daemon.py below everything. Only the FUSE adapter imports the FUSE
 library, only the KMIP provider imports PyKMIP, and nothing in the installed package imports the
 development tooling.
 """
