@@ -13,8 +13,10 @@ import click
 
 from ..agent import protocol as p
 from ..agent.launcher import agent_session
-from ..errors import UsageError
+from ..errors import InUseError, UsageError
 from ..format.atomicio import write_atomic
+from ..fs.mounts import vmfs_mounts
+from ..ops import inspect
 from ..providers.native import NativeKeyProvider
 from .common import Group, emit_json, note, pass_ctx, warn, warn_backup
 
@@ -97,11 +99,37 @@ def provider_add_kmip(c, name, servers, cert, key_path, ca, connect_timeout, req
                + (", the default" if resp["default"] else ""))
 
 
+def _datastores_in_sight(config, given: tuple[str, ...]) -> list[str]:
+    """The datastores to look in before removing a provider: --datastore, the mounted ones, the configured [mounts]."""
+    found = [os.path.abspath(d) for d in given]
+    found += [m.datastore for m in vmfs_mounts()]
+    found += [m["datastore"] for m in config.mounts.values()]
+    return [d for d in dict.fromkeys(found) if os.path.isdir(d)]
+
+
 @provider.command("remove")
 @click.argument("name")
+@click.option("--datastore", "datastores", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Also look in this datastore for folders under NAME (repeatable; mounted and configured ones "
+                   "are always searched).")
+@click.option("--force", is_flag=True, help="Remove it even while folders use it (they cannot be opened until it is added back).")
 @pass_ctx
-def provider_remove(c, name):
-    """Remove provider NAME from the configuration (a native key file stays where it is)."""
+def provider_remove(c, name, datastores, force):
+    """Remove provider NAME from the configuration (a native key file stays where it is).
+
+    Refused while a folder of a datastore in sight (mounted, configured in [mounts], or named
+    with --datastore) is encrypted under NAME's keys; the refusal lists them.
+    """
+    searched = _datastores_in_sight(c.config, datastores)
+    users = inspect.folders_using(name, searched)
+    if users and not force:
+        shown = ", ".join(users[:10]) + (f" and {len(users) - 10} more" if len(users) > 10 else "")
+        raise InUseError(f"provider {name} is in use by {len(users)} folder(s): {shown}; decrypt them or move them "
+                         f"to another provider (vmfs-crypt rekey FOLDER --provider OTHER) first, or remove it "
+                         "with --force (they cannot be opened until it is added back)")
+    if not searched:
+        warn("no datastore was searched for folders under this provider (none is mounted or configured); "
+             "name one with --datastore")
     with _provider_session(c, f"remove provider {name}") as agent:
         resp = agent.request(p.OP_PROVIDER_REMOVE, name=name)
     note(f"removed provider {name}" + (f"; the default is now {resp['default_provider']}"

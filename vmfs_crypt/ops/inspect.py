@@ -114,3 +114,25 @@ def _is_datastore_root(folder: VmFolder) -> bool:
         return any(e.is_dir(follow_symlinks=False) for e in os.scandir(folder.backing_dir))
     except OSError:
         return False
+
+
+def folders_using(provider: str, datastores: list[str]) -> list[str]:
+    """The encrypted folders of `datastores` whose keys come from `provider` (provider remove refuses; issue 9).
+
+    A folder counts if its KEK, or the KEK of any file record in it, is the provider's; a
+    damaged folder whose key file cannot be read counts too (it may be the provider's: fail closed).
+    """
+    out = []
+    for ds in dict.fromkeys(os.path.abspath(d) for d in datastores):
+        for folder in walk_folders(ds):
+            state = folder.state()
+            if state is FolderState.PLAIN:
+                continue
+            try:
+                uses = {folder.load_keys().kek.provider_id} if state is FolderState.ENCRYPTED else {None}
+                uses |= {f.kek.provider_id for f in folder_files(folder) if f.kek}
+            except VmfsCryptError:
+                uses = {None}
+            if provider in uses or None in uses:
+                out.append(folder.backing_dir)
+    return out
