@@ -113,7 +113,7 @@ def test_man_page_names_every_command(tmp_path):
     assert page.startswith(".TH VMFS-CRYPT 1")
     for path in command_paths():
         assert f"\n.SS {' '.join(path)}\n" in page, path
-    for option in ("--json", "--quiet", "--deep"):
+    for option in ("--json", "--quiet", "--deep", "--encrypt-new-folders"):
         assert option.replace("-", "\\-") in page or option in page, option
     if shutil.which("man"):
         rendered = subprocess.run(["man", "-l", target], capture_output=True, text=True,

@@ -7,6 +7,7 @@ import click
 from ..agent.launcher import agent_session
 from ..crypto.sectors import SECTOR_SIZE
 from ..errors import ERROR_CLASSES, UsageError
+from ..fs.mounts import backing_path
 from ..ops import inspect, lifecycle
 from .common import emit_json, note, pass_ctx, progress, verbose, warn_backup
 
@@ -40,11 +41,21 @@ def create(c, disk, size, provider):
 
 
 @click.command()
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path", type=click.Path())
 @click.option("--provider", help="Key provider for a folder that is not yet encrypted.")
 @pass_ctx
 def encrypt(c, path, provider):
-    """Encrypt an existing disk or VM folder (the whole folder: see README)."""
+    """Encrypt a disk's VM folder or a folder (the whole folder: see README); a new PATH becomes an empty encrypted folder.
+
+    An empty folder, or a PATH that does not exist yet (its parent must), becomes an encrypted
+    VM folder: everything later written to it is encrypted from the first byte.
+    """
+    if not os.path.lexists(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent) or path.lower().endswith(".vmdk"):
+            raise UsageError(f"{path}: no such disk or folder (a new folder needs an existing parent folder)")
+        os.mkdir(backing_path(os.path.abspath(path)), 0o755)
+        note(f"made the folder {os.path.abspath(path)}")
     with agent_session(c.config, "encrypt", target=os.path.abspath(path)) as agent:
         result = lifecycle.encrypt_folder(path, agent, provider, progress)
     done = result.files
