@@ -41,6 +41,9 @@ def test_a_folder_made_through_the_mount_is_encrypted_before_its_first_byte(venv
         venv_env.tool("qemu-img", "convert", "-f", "qcow2", "-O", "vmdk", "-o", "subformat=monolithicFlat", qcow, disk)
         venv_env.tool("qemu-img", "compare", "-f", "raw", "-F", "vmdk", raw, disk)
         os.makedirs(os.path.join(mnt, "group", "vm2"))  # mkdir -p: each level is encrypted
+    root = json.loads(venv_env.run("info", "--json", ds).stdout)
+    assert root["policy"] == {"encrypt_new_folders": True, "provider": "vmkeys", "error": None}
+    assert "new folders are encrypted (provider vmkeys)" in venv_env.run("info", ds).stdout.decode()
     info = json.loads(venv_env.run("info", "--json", os.path.join(ds, "newvm")).stdout)
     assert info["state"] == "encrypted" and info["kek"]["provider"] == "vmkeys"
     assert {f["name"]: f["role"] for f in info["files"]} == {"disk.vmdk": "descriptor", "disk-flat.vmdk": "encrypted"}
@@ -93,6 +96,7 @@ def test_a_policy_that_cannot_be_followed_fails_the_mkdir_closed(venv_env, damag
     if damage != "unknown provider":
         proc = venv_env.run("policy", ds, check=False)
         assert proc.returncode == 6 and b"Traceback" not in proc.stderr, proc.stderr
+        assert json.loads(venv_env.run("info", "--json", ds).stdout)["policy"]["error"]
 
 
 def test_encrypt_of_a_new_or_empty_folder_makes_an_encrypted_vm_folder(venv_env, plain_image):

@@ -114,6 +114,11 @@ def _echo_datastore(result: dict) -> None:
         click.echo(f"  (through the mount: at rest {result['backing_path']})")
     if result["state"] != "plain" or result["files"]:
         _echo_folder(dict(result, path="(the datastore root itself)"), "  ")
+    pol = result.get("policy") or {}
+    if pol.get("error"):
+        click.echo(f"  policy for new folders: DAMAGED: {pol['error']}")
+    elif pol.get("encrypt_new_folders"):
+        click.echo(f"  policy: new folders are encrypted (provider {pol['provider'] or 'default'})")
     rows = [("FOLDER", "STATE", "PROVIDER", "KEY", "DISKS", "FILES")]
     for f in folders:
         kek = f["kek"] or {}

@@ -9,6 +9,7 @@ import os
 from ..crypto.sectors import SECTOR_SIZE
 from ..errors import DataError, FormatError, UsageError, VmfsCryptError
 from ..format.descriptor import read_descriptor
+from ..format.dspolicy import policy_path, read_policy
 from ..format.folder import FOLDER_KEYS_NAME, JOURNAL_NAME, FolderState, VmFolder
 from ..format.journal import journal_problem
 from ..format.inventory import folder_files, walk_folders
@@ -103,13 +104,20 @@ def info(path: str) -> dict:
         result["disks"] = _disk_count(folder, result["files"])
     result["datastore"] = only is None and _is_datastore_root(folder)
     if result["datastore"]:
+        try:
+            pol = read_policy(folder.backing_dir)
+            result["policy"] = {"encrypt_new_folders": pol.encrypt_new_folders, "provider": pol.provider, "error": None}
+        except VmfsCryptError as exc:  # reported, not fatal: info is how one finds out
+            result["policy"] = {"encrypt_new_folders": None, "provider": None, "error": str(exc)}
         result["folders"] = [folder_info(f) for f in walk_folders(folder.backing_dir)
                              if f.backing_dir != folder.backing_dir]
     return result
 
 
 def _is_datastore_root(folder: VmFolder) -> bool:
-    """A folder that holds VM folders: summarised folder by folder (issue 9)."""
+    """A folder that holds VM folders, or a datastore policy file: summarised folder by folder (issue 9)."""
+    if os.path.lexists(policy_path(folder.backing_dir)):
+        return True
     try:
         return any(e.is_dir(follow_symlinks=False) for e in os.scandir(folder.backing_dir))
     except OSError:
