@@ -121,12 +121,15 @@ def provider_remove(c, name, datastores, force):
     with --datastore) is encrypted under NAME's keys; the refusal lists them.
     """
     searched = _datastores_in_sight(c.config, datastores)
-    users = inspect.folders_using(name, searched)
+    users, unreadable = inspect.folders_using(name, searched)
     if users and not force:
         shown = ", ".join(users[:10]) + (f" and {len(users) - 10} more" if len(users) > 10 else "")
         raise InUseError(f"provider {name} is in use by {len(users)} folder(s): {shown}; decrypt them or move them "
                          f"to another provider (vmfs-crypt rekey FOLDER --provider OTHER) first, or remove it "
                          "with --force (they cannot be opened until it is added back)")
+    if unreadable:
+        warn(f"{len(unreadable)} folder(s) could not be read to tell whether they use {name} "
+             f"(e.g. {unreadable[0]}); the agent's user can check them")
     if not searched:
         warn("no datastore was searched for folders under this provider (none is mounted or configured); "
              "name one with --datastore")

@@ -124,23 +124,28 @@ def _is_datastore_root(folder: VmFolder) -> bool:
         return False
 
 
-def folders_using(provider: str, datastores: list[str]) -> list[str]:
-    """The encrypted folders of `datastores` whose keys come from `provider` (provider remove refuses; issue 9).
+def folders_using(provider: str, datastores: list[str]) -> tuple[list[str], list[str]]:
+    """(folders, unreadable): the encrypted folders of `datastores` whose keys come from `provider`
+    (provider remove refuses; issue 9), and the folders this user could not read to tell.
 
     A folder counts if its KEK, or the KEK of any file record in it, is the provider's; a
-    damaged folder whose key file cannot be read counts too (it may be the provider's: fail closed).
+    damaged folder whose key file cannot be parsed counts too (it may be the provider's: fail closed).
     """
-    out = []
+    out, unreadable = [], []
     for ds in dict.fromkeys(os.path.abspath(d) for d in datastores):
         for folder in walk_folders(ds):
-            state = folder.state()
-            if state is FolderState.PLAIN:
-                continue
             try:
-                uses = {folder.load_keys().kek.provider_id} if state is FolderState.ENCRYPTED else {None}
-                uses |= {f.kek.provider_id for f in folder_files(folder) if f.kek}
-            except VmfsCryptError:
-                uses = {None}
+                state = folder.state()
+                if state is FolderState.PLAIN:
+                    continue
+                try:
+                    uses = {folder.load_keys().kek.provider_id} if state is FolderState.ENCRYPTED else {None}
+                    uses |= {f.kek.provider_id for f in folder_files(folder) if f.kek}
+                except VmfsCryptError:
+                    uses = {None}
+            except OSError:  # another user's datastore (e.g. the root agent's): say so, do not guess
+                unreadable.append(folder.backing_dir)
+                continue
             if provider in uses or None in uses:
                 out.append(folder.backing_dir)
-    return out
+    return out, unreadable
