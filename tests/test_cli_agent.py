@@ -136,3 +136,19 @@ def test_provider_remove_refuses_while_folders_use_it_and_lists_them(venv_env, t
         assert b"removed provider spare" in removed.stdout
     venv_env.run("provider", "remove", "second", "--datastore", venv_env.datastore, "--force")
     assert set(load_config(venv_env.config).providers) == {"local"}
+
+
+@pytest.mark.fuse
+def test_agent_stop_refuses_while_a_mount_uses_it_and_names_the_mount(venv_env):
+    os.makedirs(os.path.join(venv_env.datastore, "vm1"))
+    venv_env.run("create", os.path.join(venv_env.datastore, "vm1", "disk.vmdk"), "--size", "1M")
+    pid = int(venv_env.run("agent", "start").stdout.split()[1])
+    with mounted(venv_env) as mnt:
+        refused = venv_env.run("agent", "stop", check=False)
+        err = refused.stderr.decode()
+        assert refused.returncode == ExitCode.IN_USE and mnt in err and venv_env.datastore in err and "--force" in err, err
+        assert agent_pid(venv_env) == pid  # still serving the mount
+        with open(os.path.join(mnt, "vm1", "new.nvram"), "wb") as f:  # a new file still gets its key
+            f.write(b"after the refused stop")
+    venv_env.run("agent", "stop")  # no mount left: it stops
+    assert venv_env.run("status", check=False).returncode == ExitCode.AGENT
