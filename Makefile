@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse2 qemu-utils qemu-system-x86 fio botan nasm gocryptfs libssl-dev libfuse3-dev pkg-config gcc python3.11
 STAMP := $(VENV)/.installed
 
-.PHONY: deps test test-unit demo bench bench-quick bench-guest kms clean install uninstall
+.PHONY: deps test test-unit demo bench bench-quick bench-guest kms man clean install uninstall
 
 deps: $(STAMP)
 
@@ -53,6 +53,10 @@ bench-guest: deps
 
 kms: deps
 	$(PY) scripts/kms.py
+
+# The man page, built from the click commands (scripts/manpage.py): man -l build/vmfs-crypt.1
+man: deps
+	$(PY) scripts/manpage.py build/vmfs-crypt.1
 
 clean:
 	rm -rf $(VENV) build *.egg-info

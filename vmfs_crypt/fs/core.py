@@ -45,6 +45,7 @@ from ..sysutil import RENAME_NOREPLACE, renameat2
 from .datapath import choose as choose_datapath
 from .openfiles import DescriptorFile, EncryptedFile, OpenFileTable
 from .tree import Entry, Tree
+from .policy import new_folder_kek
 
 log = logging.getLogger("vmfs_crypt.fs")
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -379,8 +380,10 @@ class VmfsCore:
             state = parent.state()
             if state is FolderState.DAMAGED:
                 raise self._damaged(parent)
+            # Issue 9: the datastore's policy may ask for a new KEK for a folder made in a plaintext one.
+            policy_kek = new_folder_kek(self.root, self.keys, e.name) if state is FolderState.PLAIN else None
             with self._meta_lock:
-                kek = parent.load_keys().kek if state is FolderState.ENCRYPTED else None
+                kek = parent.load_keys().kek if state is FolderState.ENCRYPTED else policy_kek
                 os.mkdir(e.at, mode, dir_fd=e.dirfd)
                 try:
                     if kek is not None:
