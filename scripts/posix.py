@@ -8,7 +8,7 @@ VM folder made encrypted by `vmfs-crypt create`, and a plain folder), mounts it 
 --allow-other (which turns on default_permissions: pjdfstest switches to other uids), runs
 `prove -r DIR/tests` as root inside a new folder of each, and prints the failed tests by
 category (the directory under tests/) and in total. The verbose output of each run is kept
-in posix-results/ for reading the failures. The mount is unmounted, the agent stopped and
+in posix-results/ (with the mount's log) for reading the failures. The mount is unmounted, the agent stopped and
 the directory removed in every case, also on Ctrl-C.
 """
 
@@ -106,8 +106,18 @@ class Run:
         self.cli("mount", "--allow-other", self.ds, self.mnt)
         self.mounted = True
 
+    def keep_logs(self) -> None:
+        """The mount's and agent's logs, beside prove's output (the run's directory goes away)."""
+        with open(os.path.join(RESULTS, "mount.log"), "w") as out:
+            for dirpath, _, files in os.walk(self.runtime):
+                for name in sorted(files):
+                    if name.endswith(".log"):
+                        with open(os.path.join(dirpath, name), errors="replace") as f:
+                            out.write(f"--- {name}\n{f.read()}")
+
     def cleanup(self) -> None:
         if self.mounted:
+            self.keep_logs()
             if self.cli("umount", self.mnt, check=False).returncode != 0:
                 subprocess.run(["fusermount", "-uz", self.mnt], capture_output=True)
             self.mounted = False
@@ -157,7 +167,7 @@ def main() -> int:
         return 130
     finally:
         run.cleanup()
-    cats = sorted(set().union(*[set(r) for r in results.values()]) if results else [])
+    cats = sorted({c for r in results.values() for c, n in r.items() if n})  # (a file can list 0 failed)
     print()
     print(f"{'failed tests':<16}" + "".join(f"{w:>12}" for w in results))
     for cat in cats:
