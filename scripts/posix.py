@@ -15,6 +15,7 @@ the directory removed in every case, also on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -130,12 +131,19 @@ def run_prove(top: str, folder: str, log_path: str, only: list[str]) -> str:
     tests = [os.path.join(top, "tests", c) for c in only] if only else [os.path.join(top, "tests")]
     os.makedirs(folder)
     with open(log_path, "w") as log:
+        # its own process group: on Ctrl-C, prove and the test scripts it runs are stopped by that id
         proc = subprocess.Popen(["prove", "-r", "-v", *tests], cwd=folder, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
         assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-        proc.wait()
+        try:
+            for line in proc.stdout:
+                log.write(line)
+            proc.wait()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+            raise
     with open(log_path) as log:
         return log.read()
 
@@ -148,6 +156,8 @@ def main() -> int:
     args = ap.parse_args()
     top = check_pjdfstest(args.pjdfstest)
     # Ctrl-C and SIGTERM end the run through the finally below (the mount is always undone).
+    # SIGINT too: a process started in the background of a shell begins with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     os.makedirs(RESULTS, exist_ok=True)
     run = Run()
