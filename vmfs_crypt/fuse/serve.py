@@ -124,6 +124,10 @@ def serve_fuse(core: VmfsCore, mountpoint: str, fuse_options: dict, on_ready) ->
         # Without big_writes libfuse 2 splits buffered writes into 4 KiB requests: qemu-img
         # convert into the mount ran at 46 MiB/s, with it at 213 MiB/s (docs/PERFORMANCE.md).
         options["big_writes"] = True
+    # Hard links are two nodes to libfuse's path API: with cached attributes, a link, chmod or
+    # chown through one name left the other's st_nlink, mode and owner stale (pjdfstest link/00,
+    # rename/00; issue 12). Attributes are asked for at each stat; -o attr_timeout=N overrides.
+    options["attr_timeout"] = 0
     options.update(fuse_options)
     max_read = options.get("max_read")
     log.info("libfuse %d.%d", mfusepy.fuse_version_major, mfusepy.fuse_version_minor)
