@@ -71,6 +71,19 @@ def _wait_gone(mountpoint: str) -> bool:
 
 # -- mount.fuse calling convention -----------------------------------------------------------------
 
+def test_relative_datastore_and_mountpoint_mount(enc_env):
+    """`vmfs-crypt mount ds mnt` from the folder holding them: the mount table has absolute paths only."""
+    mnt = os.path.join(enc_env.base, "mnt")
+    os.makedirs(mnt)
+    enc_env.mounts.append(mnt)
+    rel_ds = os.path.relpath(enc_env.datastore, enc_env.base)  # env.run's cwd is env.base
+    enc_env.run("mount", rel_ds, "mnt", timeout=60)
+    assert is_mounted(mnt)
+    assert sorted(os.listdir(os.path.join(mnt, "vm1"))) == ["disk-flat.vmdk", "disk.vmdk"]
+    enc_env.run("umount", "mnt", timeout=60)
+    assert not is_mounted(mnt)
+
+
 def test_helper_form_mounts_ignores_fstab_options_and_shows_fuse_errors(enc_env):
     """`vmfs-crypt DATASTORE MOUNTPOINT -o OPTS`, as mount.fuse3 runs it: it printed the help and exited 0."""
     mnt = os.path.join(enc_env.base, "mnt")

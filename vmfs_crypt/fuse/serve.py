@@ -166,6 +166,8 @@ def serve_fuse(core: VmfsCore, mountpoint: str, fuse_options: dict, on_ready) ->
 def run_mount(config: Config, datastore: str, mountpoint: str, agent_socket: str | None, options_text: str | None,
               allow_other: bool, ready: ReadyPipe) -> None:
     """Serve the mount in this process (the detached child of `vmfs-crypt mount`, or --foreground)."""
+    # The mount table holds absolute paths: a relative MOUNTPOINT was never found there (issue 9).
+    datastore, mountpoint = os.path.abspath(datastore), os.path.abspath(mountpoint)
     lock = DatastoreLock(os.path.realpath(datastore) if os.path.isdir(datastore) else datastore)
     stop = threading.Event()
     try:
