@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse2 qemu-utils qemu-system-x86 fio botan nasm gocryptfs libssl-dev libfuse3-dev pkg-config gcc python3.11
+# libvirt for the libvirt recipe's test (tests/test_host.py), without its recommends (dnsmasq, ...)
+APT_NORECOMMENDS := libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu
 STAMP := $(VENV)/.installed
 
 .PHONY: deps test test-unit demo bench bench-quick bench-guest kms man posix clean install uninstall
@@ -15,6 +17,11 @@ $(STAMP): setup.cfg pyproject.toml
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@missing=""; for p in $(APT_NORECOMMENDS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages (no recommends):$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --config-settings editable_mode=compat -e '.[test,kmip]'
