@@ -82,6 +82,11 @@ def test_relative_datastore_and_mountpoint_mount(enc_env):
     assert sorted(os.listdir(os.path.join(mnt, "vm1"))) == ["disk-flat.vmdk", "disk.vmdk"]
     enc_env.run("umount", "mnt", timeout=60)
     assert not is_mounted(mnt)
+    # --quiet: errors only, for mount and umount too (fstab and scripts)
+    quiet = enc_env.run("-q", "mount", rel_ds, "mnt", timeout=60)
+    assert is_mounted(mnt) and quiet.stdout == b"" and b"mounted" not in quiet.stderr
+    quiet = enc_env.run("-q", "umount", "mnt", timeout=60)
+    assert not is_mounted(mnt) and quiet.stdout == b""
 
 
 def test_helper_form_mounts_ignores_fstab_options_and_shows_fuse_errors(enc_env):

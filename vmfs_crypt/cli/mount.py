@@ -14,7 +14,7 @@ from ..daemon import setup_logging
 from ..errors import ConfigError, UsageError
 from ..ops import mounting
 from ..procs import NotifyReady
-from .common import pass_ctx, running_agent, warn_backup
+from .common import note, pass_ctx, running_agent, warn_backup
 
 
 @click.command()
@@ -41,7 +41,7 @@ def mount(c, datastore, mountpoint, name, foreground, options, allow_other, agen
             options, allow_other = table.get("options"), bool(table.get("allow_other"))
         else:
             resp = running_agent(c.config).request(p.OP_MOUNT_START, name=name)
-            click.echo(f"mounted {name} at {resp['mountpoint']}")
+            note(f"mounted {name} at {resp['mountpoint']}")
             return
     if not datastore or not mountpoint:
         raise UsageError("mount needs DATASTORE and MOUNTPOINT (or --name NAME)")
@@ -58,7 +58,7 @@ def mount(c, datastore, mountpoint, name, foreground, options, allow_other, agen
         run_mount(c.config, datastore, mountpoint, agent_socket, options or None, allow_other, ready)
         return
     log_path = mounting.mount_background(c.config, datastore, mountpoint, agent_socket, options, allow_other)
-    click.echo(f"mounted {datastore} at {mountpoint} (log: {log_path})")
+    note(f"mounted {datastore} at {mountpoint} (log: {log_path})")
     warn_backup(c.config)
 
 
@@ -72,12 +72,12 @@ def umount(c, mountpoint, name):
         if mountpoint:
             raise UsageError("umount takes MOUNTPOINT or --name NAME, not both")
         resp = running_agent(c.config).request(p.OP_MOUNT_STOP, name=name)
-        click.echo(f"unmounted {name} at {resp['mountpoint']}")
+        note(f"unmounted {name} at {resp['mountpoint']}")
         return
     if not mountpoint:
         raise UsageError("umount needs MOUNTPOINT (or --name NAME)")
     mounting.umount(mountpoint)
-    click.echo(f"unmounted {mountpoint}")
+    note(f"unmounted {mountpoint}")
 
 
 def helper_argv(argv: list[str], commands) -> list[str] | None:
