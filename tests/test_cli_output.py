@@ -30,6 +30,50 @@ def test_pykmip_is_an_install_dependency_pinned_like_the_extra():
 
 
 @pytest.mark.cli
+@pytest.mark.kmip
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_pip_install_in_a_fresh_venv_gives_a_command_with_both_providers(tmp_path):
+    """`pip install .` (issue 9): the installed vmfs-crypt alone, no PYTHONPATH, serves native and KMIP keys."""
+    from support import VmfsEnv
+    from support.kmip import KmipCluster, add_kmip_provider
+
+    src = tmp_path / "src"  # a copy: pip's in-tree build would leave build/ and egg-info in the checkout
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "bench-results",
+                                                              "posix-results", "__pycache__", "*.so"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)  # on the base interpreter
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(src)],
+                         capture_output=True, timeout=900)
+    assert pip.returncode == 0, pip.stderr.decode(errors="replace")[-3000:]
+    env = VmfsEnv(str(tmp_path / "env"))
+    env.env.pop("PYTHONPATH")
+    env.env["PATH"] = f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"
+
+    def cli(*args):
+        proc = subprocess.run(["vmfs-crypt", *map(str, args)], env=env.env, capture_output=True, timeout=300,
+                              cwd=str(tmp_path))
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+        return proc
+
+    assert b"data path: native" in cli("--version").stdout  # the compiled core was built by pip
+    cluster = KmipCluster(str(tmp_path / "kmip"))
+    try:
+        cluster.ensure_up()
+        cli("provider", "add", "native", "local")
+        env.run = lambda *args, check=True, **kw: cli(*args)  # add_kmip_provider runs the installed command
+        add_kmip_provider(env, "kms", [s.port for s in cluster.servers], cluster.pki)
+        for vm, provider in (("vm1", "local"), ("vm2", "kms")):
+            os.makedirs(os.path.join(env.datastore, vm))
+            cli("create", os.path.join(env.datastore, vm, "disk.vmdk"), "--size", "1M", "--provider", provider)
+            info = json.loads(cli("info", "--json", os.path.join(env.datastore, vm)).stdout)
+            assert info["kek"]["provider"] == provider
+    finally:
+        subprocess.run(["vmfs-crypt", "agent", "stop", "--force"], env=env.env, capture_output=True, timeout=30)
+        cluster.stop_all()
+        shutil.rmtree(env.runtime, ignore_errors=True)
+
+
+@pytest.mark.cli
 @pytest.mark.fuse
 def test_readme_quick_start_runs_as_written(venv_env, tmp_path):
     """The README's block, with /srv and /mnt moved into the test's folder, run by a shell."""
