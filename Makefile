@@ -4,9 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse2 qemu-utils qemu-system-x86 fio botan nasm gocryptfs libssl-dev libfuse3-dev pkg-config gcc python3.11
+# libvirt for the libvirt recipe's test (tests/test_host.py), without its recommends (dnsmasq, ...)
+APT_NORECOMMENDS := libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu
 STAMP := $(VENV)/.installed
 
-.PHONY: deps test test-unit demo bench bench-quick bench-guest kms clean
+.PHONY: deps test test-unit demo bench bench-quick bench-guest kms man posix clean install uninstall
 
 deps: $(STAMP)
 
@@ -15,6 +17,11 @@ $(STAMP): setup.cfg pyproject.toml
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@missing=""; for p in $(APT_NORECOMMENDS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages (no recommends):$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --config-settings editable_mode=compat -e '.[test,kmip]'
@@ -54,8 +61,42 @@ bench-guest: deps
 kms: deps
 	$(PY) scripts/kms.py
 
+# The man page, built from the click commands (scripts/manpage.py): man -l build/vmfs-crypt.1
+man: deps
+	$(PY) scripts/manpage.py build/vmfs-crypt.1
+
+# pjdfstest (issue 12) through a throw-away mount, in an encrypted and a plain folder: failures by
+# category. PJDFSTEST is a checkout you built (README, "POSIX conformance"); about 8 minutes.
+PJDFSTEST ?=
+posix: deps
+	$(PY) scripts/posix.py $(if $(PJDFSTEST),"$(PJDFSTEST)") $(POSIX_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# install (issue 9): a `vmfs-crypt` launcher in $(SBINDIR) that runs this checkout's venv, where
+# mount.fuse3 (mount -t fuse.vmfs-crypt, fstab) and systemd find it (mount gives its helpers
+# no PATH: /bin/sh's default one has /usr/local/sbin), and the systemd units. DESTDIR works.
+PREFIX ?= /usr/local
+SBINDIR ?= $(PREFIX)/sbin
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+VMFS_CRYPT_BIN ?= $(CURDIR)/$(VENV)/bin/vmfs-crypt
+UNITS := packaging/systemd/vmfs-crypt-agent.service packaging/systemd/vmfs-crypt@.service
+install: deps
+	@if [ -e $(DESTDIR)$(SBINDIR)/vmfs-crypt ] && ! grep -q 'vmfs-crypt launcher' $(DESTDIR)$(SBINDIR)/vmfs-crypt; then \
+	  echo "$(DESTDIR)$(SBINDIR)/vmfs-crypt exists and is not our launcher; not replacing it" >&2; exit 1; fi
+	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(UNITDIR)
+	sed 's#@VMFS_CRYPT@#$(VMFS_CRYPT_BIN)#' packaging/vmfs-crypt.launcher > $(DESTDIR)$(SBINDIR)/vmfs-crypt.tmp
+	chmod 755 $(DESTDIR)$(SBINDIR)/vmfs-crypt.tmp && mv $(DESTDIR)$(SBINDIR)/vmfs-crypt.tmp $(DESTDIR)$(SBINDIR)/vmfs-crypt
+	for u in $(UNITS); do sed 's#/usr/local/sbin/vmfs-crypt#$(SBINDIR)/vmfs-crypt#' $$u > $(DESTDIR)$(UNITDIR)/$$(basename $$u); \
+	  chmod 644 $(DESTDIR)$(UNITDIR)/$$(basename $$u); done
+	install -d -m 700 $(DESTDIR)/etc/vmfs-crypt
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed $(DESTDIR)$(SBINDIR)/vmfs-crypt (runs $(VMFS_CRYPT_BIN)) and the units in $(DESTDIR)$(UNITDIR)"
+
+uninstall:
+	@if grep -q 'vmfs-crypt launcher' $(DESTDIR)$(SBINDIR)/vmfs-crypt 2>/dev/null; then rm -f $(DESTDIR)$(SBINDIR)/vmfs-crypt; fi
+	rm -f $(addprefix $(DESTDIR)$(UNITDIR)/,$(notdir $(UNITS)))
 
 # -- native data path (vmfs_crypt._native, native/*.c) ---------------------------------------
 # `pip install -e .` builds the extension in place; rebuild it when its sources change.

@@ -62,6 +62,13 @@ def read_through(mnt: str, rel: str, n: int = len(DATA)) -> bytes:
         return f.read(n)
 
 
+def locked_status(env) -> str:
+    """`status` while disks are locked: its report, and exit 13 (issue 9: scripts can tell)."""
+    proc = env.run("status", check=False)
+    assert proc.returncode == 13, (proc.returncode, proc.stderr)
+    return proc.stdout.decode()
+
+
 def cat(env, path: str, check=True) -> subprocess.CompletedProcess:
     return env.run("cat", path, check=check, timeout=60)
 
@@ -161,7 +168,7 @@ def test_cold_start_with_kms_down_locks_then_unlock_without_remount(kenv, cluste
         with pytest.raises(PermissionError) as exc:
             open(os.path.join(mnt, "vm1/disk-flat.vmdk"), "rb")
         assert exc.value.errno == errno.EACCES
-        status = kenv.run("status").stdout.decode()
+        status = locked_status(kenv)
         assert "2 locked" in status
         assert f"LOCKED key {key1} of provider prod: vm1/disk-flat.vmdk" in status
         assert f"127.0.0.1:{cluster.a.port}: connection refused" in status
@@ -184,9 +191,9 @@ def test_periodic_retry_unlocks_by_itself(kenv, cluster):
     cluster.a.kill()
     cluster.b.kill()
     with mounted(kenv) as mnt:
-        assert "1 locked" in kenv.run("status").stdout.decode()
+        assert "1 locked" in locked_status(kenv)
         cluster.ensure_up()
-        wait_until(lambda: "0 locked" in kenv.run("status").stdout.decode(), 15, "the agent's periodic retry")
+        wait_until(lambda: "0 locked" in kenv.run("status", check=False).stdout.decode(), 15, "the agent's periodic retry")
         write_through(mnt, "vm1/disk-flat.vmdk")
         assert read_through(mnt, "vm1/disk-flat.vmdk") == DATA
 
@@ -274,7 +281,7 @@ def test_destroyed_key(kenv, cluster):
     with mounted(kenv) as mnt:
         with pytest.raises(PermissionError):
             read_through(mnt, "vm1/disk-flat.vmdk")
-        status = kenv.run("status").stdout.decode()
+        status = locked_status(kenv)
         assert f"LOCKED key {key} of provider prod: vm1/disk-flat.vmdk" in status and "destroyed" in status
 
 
@@ -351,7 +358,7 @@ def test_on_revoke_lock_locks_open_disks_now(kenv, cluster):
             with pytest.raises(PermissionError):
                 read_through(mnt, "vm1/disk-flat.vmdk")
             assert read_through(mnt, "vm2/disk-flat.vmdk") == DATA
-            status = kenv.run("status").stdout.decode()
+            status = locked_status(kenv)
             assert f"LOCKED key {key} of provider strict" in status and "was revoked" in status
             assert "was revoked" in kenv.mount_logs()
     finally:

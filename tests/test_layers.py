@@ -1,7 +1,7 @@
 """The layers of vmfs_crypt import downwards only (README "Layout", docs/ARCHITECTURE.md).
 
 crypto -> format -> config -> providers -> agent -> fs (the FUSE-free core) -> fuse (adapter) | ops -> cli,
-with errors.py, sysutil.py and procs.py below everything. Only the FUSE adapter imports the FUSE
+with errors.py, sysutil.py, procs.py and daemon.py below everything. Only the FUSE adapter imports the FUSE
 library, only the KMIP provider imports PyKMIP, and nothing in the installed package imports the
 development tooling.
 """
@@ -14,7 +14,7 @@ import pytest
 from support import REPO
 
 PACKAGE = os.path.join(REPO, "vmfs_crypt")
-LAYER = {"errors": 0, "sysutil": 0, "procs": 0, "__init__": 0, "crypto": 1, "format": 2, "config": 3,
+LAYER = {"errors": 0, "sysutil": 0, "procs": 0, "daemon": 0, "__init__": 0, "crypto": 1, "format": 2, "config": 3,
          "runtime": 3, "providers": 4, "agent": 5, "fs": 6, "fuse": 7, "ops": 7, "cli": 8, "_native": 1}
 SIBLINGS_APART = {("fuse", "ops"), ("ops", "fuse")}  # the two users of the core do not import each other
 

@@ -1,4 +1,4 @@
-"""Issue 10: in-place encrypt, deep rekey and decrypt, SIGKILLed at several points and resumed (FORMAT.md 7.7).
+"""Issue 10: in-place encrypt, deep rekey and decrypt, SIGKILLed at several points and resumed (FORMAT.md 7.8).
 
 The real CLI runs with a small region size (VMFS_CRYPT_REGION_SIZE) so that a 32 MiB disk has
 128 regions; kill points are found by polling the state in the folder key file. Between kills
@@ -101,7 +101,7 @@ def dek_of(entry: dict, key_files: dict[str, bytes]) -> bytes:
 
 
 def read_in_flight(vm: str, name: str, key_files: dict[str, bytes]) -> bytes:
-    """FORMAT.md 7.7 "Reading a sector", written from the text alone."""
+    """FORMAT.md 7.8 "Reading a sector", written from the text alone."""
     with open(os.path.join(vm, ".vmfs-crypt.json"), "rb") as f:
         doc = json.loads(f.read())
     assert doc["features"] == ["reencrypt"] and doc["version"] == 1
@@ -159,7 +159,7 @@ def check_plaintext(env, vm: str, files: dict[str, bytes]) -> None:
 
 
 def tamper_mid_region(vm: str, st: dict) -> None:
-    """Make the state of a kill inside step 2 (FORMAT.md 7.7): a valid sidecar and a half-rewritten region."""
+    """Make the state of a kill inside step 2 (FORMAT.md 7.8): a valid sidecar and a half-rewritten region."""
     fs = next(f for f in st["files"] if f["boundary"] < f["size"])
     b, n = fs["boundary"], min(st["regionSize"], fs["size"] - fs["boundary"])
     path = os.path.join(vm, fs["name"])
@@ -254,7 +254,7 @@ def test_a_version_1_reader_refuses_a_folder_in_flight(small_regions):
     check_plaintext(env, vm, files)
 
 
-# -- the MUST-reject rules of FORMAT.md 7.7, on the parser alone --------------------------------
+# -- the MUST-reject rules of FORMAT.md 7.8, on the parser alone --------------------------------
 GOLDEN_KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "ds", "vm1", ".vmfs-crypt.json")
 
 
@@ -323,7 +323,7 @@ def test_readers_outside_the_engine_refuse_a_folder_in_flight():
 
 
 def test_a_journal_cannot_replace_an_unfinished_state(tmp_path):
-    """Journal rule of 7.7: keys of files under two keys cannot be swapped by a journal until every region is done."""
+    """Journal rule of 7.8: keys of files under two keys cannot be swapped by a journal until every region is done."""
     from vmfs_crypt.errors import FormatError
     from vmfs_crypt.format.folder import FolderKeys, VmFolder
     from vmfs_crypt.format.journal import check_journal

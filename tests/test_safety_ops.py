@@ -996,7 +996,7 @@ def test_a_commit_interrupted_while_applying_is_finished_by_recovery(tmp_path, m
     assert not os.path.exists(os.path.join(vm, JOURNAL_NAME))
     assert not [n for n in os.listdir(vm) if n.startswith(".vmfs-crypt")and n != ".vmfs-crypt.json"]
     if op in ("decrypt", "deep rekey"):
-        # The journal interrupted was the start of the in-place rewrite (FORMAT.md 7.7): recovery
+        # The journal interrupted was the start of the in-place rewrite (FORMAT.md 7.8): recovery
         # finished it, and the next run of the command resumes the rewrite itself.
         assert run().note == "resumed"
     for name, digest in expected.items():

@@ -24,6 +24,7 @@ class ExitCode(enum.IntEnum):
     OS_ERROR = 10
     IN_USE = 11
     PERMISSION = 12
+    LOCKED = 13  # `status`: the agent runs, but some disks are locked (their KEK could not be fetched)
     INTERRUPTED = 130
 
 

@@ -7,9 +7,14 @@ import signal
 import sys
 
 from ..config import check_config_trust, load_config
+from ..daemon import setup_logging
 from ..errors import VmfsCryptError
-from ..procs import ReadyPipe
+from ..procs import NotifyReady, ReadyPipe
 from ..sysutil import disable_core_dumps
+
+
+def _exit_on_signal(signum, _frame) -> None:
+    raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,9 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sidecar", action="store_true", help="exit when the last holder process exits")
     parser.add_argument("--hold-pid", type=int, action="append", default=[])
     parser.add_argument("--ready-fd", type=int)
+    parser.add_argument("--log-file")
+    parser.add_argument("--notify", action="store_true", help="tell systemd when it listens (Type=notify)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s agent[%(process)d] %(levelname)s %(message)s")
-    ready = ReadyPipe(args.ready_fd)
+    setup_logging("agent", args.log_file)  # issue 9: 0600, rotated; the journal under systemd
+    ready = NotifyReady(f"listening on {args.socket}") if args.notify else ReadyPipe(args.ready_fd)
     try:
         disable_core_dumps()
         from .client import AgentClient
@@ -44,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         ready.error(exc)
         return exc.exit_code
     signal.signal(signal.SIGHUP, lambda *_: service.reload())
-    serve(service, args.socket, args.sidecar, args.hold_pid, ready.ok)
+    if args.notify:  # systemctl stop sends SIGTERM: stop as `agent stop` does (socket removed, audited)
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        serve(service, args.socket, args.sidecar, args.hold_pid, ready.ok)
+    finally:
+        ready.stopping()
     return 0
 
 

@@ -36,6 +36,7 @@ KEY_OPS: dict[tuple[str, str], str] = {
     (p.OP_NEW_FILE_KEY, "create"): "encrypt",
     (p.OP_NEW_FILE_KEY, "encrypt"): "encrypt",
     (p.OP_NEW_FILE_KEY, "rekey"): "rekey",
+    (p.OP_NEW_KEK, "mount"): "encrypt",  # a folder made through a mount whose datastore policy encrypts it (issue 9)
     (p.OP_NEW_KEK, "create"): "encrypt",
     (p.OP_NEW_KEK, "encrypt"): "encrypt",
     (p.OP_NEW_KEK, "rekey"): "rekey",

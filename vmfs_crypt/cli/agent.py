@@ -1,29 +1,35 @@
-"""Agent commands: agent start|stop|status, and status / unlock of locked disks."""
+"""Agent commands: agent start|stop|status|reload, and status / unlock of locked disks."""
 
 import time
 
 import click
 
+from ..agent import protocol as p
 from ..agent.client import AgentClient
 from ..agent.launcher import agent_socket, spawn_agent
-from ..errors import AgentError
-from .common import pass_ctx, running_agent
+from ..errors import AgentError, ExitCode
+from .common import Group, emit_json, note, pass_ctx, running_agent, warn
 
 
-@click.group()
+@click.group(cls=Group)
 def agent():
     """Run the key agent by hand (mount starts a sidecar when none runs)."""
 
 
 @agent.command("start")
+@click.option("--foreground", "-f", is_flag=True,
+              help="Serve in this process (vmfs-crypt-agent.service: logs to the journal, tells systemd when ready).")
 @pass_ctx
-def agent_start(c):
+def agent_start(c, foreground):
     """Start a key agent for this configuration (it runs until 'agent stop')."""
     sock = agent_socket(c.config)
     if AgentClient(sock).alive():
         raise AgentError(f"an agent already runs on {sock}")
+    if foreground:
+        from ..agent.__main__ import main as agent_main
+        raise click.exceptions.Exit(agent_main(["--config", c.config.path, "--socket", sock, "--notify"]))
     pid = spawn_agent(c.config, sock, sidecar=False)
-    click.echo(f"agent {pid} listening on {c.config.agent_socket}")
+    click.echo(f"agent {pid} listening on {c.config.agent_socket}")  # scripts read the pid and socket from it
 
 
 @agent.command("stop")
@@ -35,7 +41,18 @@ def agent_stop(c, force):
     if not client.alive():
         raise AgentError(f"no agent runs on {c.config.agent_socket}")
     client.stop(force=force)
-    click.echo("agent stopped")
+    note("agent stopped")
+
+
+@agent.command("reload")
+@pass_ctx
+def agent_reload(c):
+    """Make the agent read its configuration file again now (it also does on SIGHUP and when the file changes)."""
+    resp = running_agent(c.config).request(p.OP_RELOAD)
+    for line in resp["changes"]:
+        note(line)
+    if not resp["changes"]:
+        note("no change")
 
 
 def _echo_whoami(me: dict) -> None:
@@ -44,6 +61,31 @@ def _echo_whoami(me: dict) -> None:
     else:
         click.echo(f"  you: {me['user']} (uid {me['uid']}), roles {', '.join(me['roles']) or 'none'}: "
                    f"privileges {', '.join(me['privileges']) or 'none'}")
+
+
+def status_json(c, client: AgentClient) -> dict:
+    """`status --json`: field names are stable (README, "Output for scripts")."""
+    me = client.request("whoami")
+    st = client.request("status")
+    locked = client.locked()
+    providers = []
+    for prov in st["providers"]:
+        providers.append({"name": prov["name"], "type": prov.get("type"), "default": prov["name"] == st["default_provider"],
+                          "servers": prov.get("servers"), "on_revoke": prov.get("on_revoke"),
+                          "key_file": prov.get("key_file"), "backed_up": prov.get("backed_up"),
+                          "broken": bool(prov.get("error")), "error": prov.get("error")})
+    return {
+        "agent": {"pid": st["pid"], "socket": client.socket_path, "config": st["config"],
+                  "sidecar": st.get("sidecar"), "cached_keks": st["cached_keks"]},
+        "you": {"user": me["user"], "uid": me["uid"], "owner": me["owner"], "roles": me["roles"],
+                "privileges": me["privileges"]},
+        "default_provider": st["default_provider"],
+        "providers": sorted(providers, key=lambda x: x["name"]),
+        "holders": st.get("holders", []),
+        "locked": [{"provider": e["provider"], "keyId": e["keyId"], "disks": e["disks"], "error": e["error"],
+                    "revoked": e["revoked"], "since": e["since"], "last_try": e["last_try"]} for e in locked],
+        "warnings": st["warnings"],
+    }
 
 
 def _echo_status(c, client: AgentClient) -> list[dict]:
@@ -65,22 +107,41 @@ def _echo_status(c, client: AgentClient) -> list[dict]:
         click.echo(f"LOCKED key {entry['keyId']} of provider {entry['provider']}: {disks}")
         click.echo(f"  last try {when}: {entry['error']}")
     for w in st["warnings"]:
-        click.echo(f"warning: {w}", err=True)
+        warn(w)
     return locked
 
 
+def _status(c, as_json: bool) -> int:
+    client = running_agent(c.config)
+    if as_json:
+        doc = status_json(c, client)
+        emit_json(doc)
+        return len(doc["locked"])
+    return len(_echo_status(c, client))
+
+
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Machine-readable output (README, \"Output for scripts\").")
+
+
 @agent.command("status")
+@JSON_OPTION
 @pass_ctx
-def agent_status(c):
+def agent_status(c, as_json):
     """Show the agent's providers, its users and the locked disks."""
-    _echo_status(c, running_agent(c.config))
+    _status(c, as_json)
 
 
 @click.command("status")
+@JSON_OPTION
 @pass_ctx
-def status(c):
-    """Show the agent, its providers and the locked disks (KEKs it could not fetch)."""
-    _echo_status(c, running_agent(c.config))
+def status(c, as_json):
+    """Show the agent, its providers and the locked disks (KEKs it could not fetch).
+
+    Exits 13 when disks are locked (7 when no agent runs), so a script or a monitoring check
+    can tell.
+    """
+    if _status(c, as_json):
+        raise click.exceptions.Exit(ExitCode.LOCKED)
 
 
 @click.command("unlock")
@@ -89,14 +150,14 @@ def unlock(c):
     """Fetch the KEKs of locked disks again now (after a KMS outage); no remount needed."""
     resp = running_agent(c.config).request("unlock")
     for ref in resp["unlocked"]:
-        click.echo(f"unlocked key {ref['keyId']} of provider {ref['provider']}")
+        note(f"unlocked key {ref['keyId']} of provider {ref['provider']}")
     for entry in resp["locked"]:
         click.echo(f"still locked: key {entry['keyId']} of provider {entry['provider']} "
                    f"({', '.join(entry['disks']) or 'no disk yet'}): {entry['error']}", err=True)
     if resp["locked"]:
         raise AgentError(f"{len(resp['locked'])} key(s) are still locked")
     if not resp["unlocked"]:
-        click.echo("nothing was locked")
+        note("nothing was locked")
 
 
 COMMANDS = [agent, status, unlock]

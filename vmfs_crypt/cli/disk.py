@@ -1,6 +1,5 @@
 """Disk and folder commands: create, encrypt, decrypt, rekey, info, cat."""
 
-import json
 import os
 
 import click
@@ -8,8 +7,9 @@ import click
 from ..agent.launcher import agent_session
 from ..crypto.sectors import SECTOR_SIZE
 from ..errors import ERROR_CLASSES, UsageError
+from ..fs.mounts import backing_path
 from ..ops import inspect, lifecycle
-from .common import pass_ctx, progress, warn_backup
+from .common import emit_json, note, pass_ctx, progress, verbose, warn_backup
 
 
 def parse_size(text: str) -> int:
@@ -35,21 +35,31 @@ def create(c, disk, size, provider):
     nbytes = parse_size(size)
     with agent_session(c.config, "create", target=os.path.abspath(disk)) as agent:
         result = lifecycle.create_disk(disk, nbytes, agent, provider)
-    click.echo(f"created {result.descriptor} ({nbytes} bytes) with extent {result.extent}, "
+    note(f"created {result.descriptor} ({nbytes} bytes) with extent {result.extent}, "
                f"key {result.kek.key_id} of provider {result.kek.provider_id}")
     warn_backup(c.config)
 
 
 @click.command()
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path", type=click.Path())
 @click.option("--provider", help="Key provider for a folder that is not yet encrypted.")
 @pass_ctx
 def encrypt(c, path, provider):
-    """Encrypt an existing disk or VM folder (the whole folder: see README)."""
+    """Encrypt a disk's VM folder or a folder (the whole folder: see README); a new PATH becomes an empty encrypted folder.
+
+    An empty folder, or a PATH that does not exist yet (its parent must), becomes an encrypted
+    VM folder: everything later written to it is encrypted from the first byte.
+    """
+    if not os.path.lexists(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent) or path.lower().endswith(".vmdk"):
+            raise UsageError(f"{path}: no such disk or folder (a new folder needs an existing parent folder)")
+        os.mkdir(backing_path(os.path.abspath(path)), 0o755)
+        note(f"made the folder {os.path.abspath(path)}")
     with agent_session(c.config, "encrypt", target=os.path.abspath(path)) as agent:
         result = lifecycle.encrypt_folder(path, agent, provider, progress)
     done = result.files
-    click.echo(f"{result.folder}: encrypted {len(done)} file(s){': ' + ', '.join(done) if done else ''}"
+    note(f"{result.folder}: encrypted {len(done)} file(s){': ' + ', '.join(done) if done else ''}"
                + (f" ({result.note})" if result.note else ""))
     warn_backup(c.config)
 
@@ -61,7 +71,7 @@ def decrypt(c, path):
     """Decrypt an encrypted disk's VM folder back to plaintext."""
     with agent_session(c.config, "decrypt", target=os.path.abspath(path)) as agent:
         result = lifecycle.decrypt_folder(path, agent, progress)
-    click.echo(f"{result.folder}: decrypted {len(result.files)} file(s)")
+    note(f"{result.folder}: decrypted {len(result.files)} file(s)")
 
 
 @click.command()
@@ -74,9 +84,9 @@ def rekey(c, path, deep, provider):
     with agent_session(c.config, "rekey", target=os.path.abspath(path)) as agent:
         result = lifecycle.rekey_folder(path, agent, provider, deep, progress)
     old, new = result.old_kek, result.new_kek
-    click.echo(f"{result.folder}: {'deep' if deep else 'shallow'} rekey of {len(result.files)} file(s): "
+    note(f"{result.folder}: {'deep' if deep else 'shallow'} rekey of {len(result.files)} file(s): "
                f"key {old.key_id} of {old.provider_id} -> key {new.key_id} of {new.provider_id}")
-    click.echo(f"the old key {old.key_id} is no longer used by this folder", err=True)
+    note(f"the old key {old.key_id} is no longer used by this folder", err=True)
 
 
 def _echo_folder(result: dict, indent: str = "") -> None:
@@ -93,20 +103,56 @@ def _echo_folder(result: dict, indent: str = "") -> None:
         click.echo(f"{indent}  {f['name']:<32} {f['role']:<11} {f['size']:>14}{where}")
 
 
+def _echo_datastore(result: dict) -> None:
+    """The summary of a datastore root: one row per folder below it (issue 9)."""
+    folders = result["folders"]
+    encrypted = sum(1 for f in folders if f["state"] == "encrypted")
+    damaged = sum(1 for f in folders if f["state"] == "damaged")
+    click.echo(f"{result['path']}: datastore, {len(folders)} folder(s), {encrypted} encrypted"
+               + (f", {damaged} DAMAGED" if damaged else ""))
+    if result["backing_path"] != result["path"]:
+        click.echo(f"  (through the mount: at rest {result['backing_path']})")
+    if result["state"] != "plain" or result["files"]:
+        _echo_folder(dict(result, path="(the datastore root itself)"), "  ")
+    pol = result.get("policy") or {}
+    if pol.get("error"):
+        click.echo(f"  policy for new folders: DAMAGED: {pol['error']}")
+    elif pol.get("encrypt_new_folders"):
+        click.echo(f"  policy: new folders are encrypted (provider {pol['provider'] or 'default'})")
+    rows = [("FOLDER", "STATE", "PROVIDER", "KEY", "DISKS", "FILES")]
+    for f in folders:
+        kek = f["kek"] or {}
+        rows.append((os.path.relpath(f["folder"], result["backing_path"]), f["state"], kek.get("provider", "-"),
+                     kek.get("keyId", "-"), str(f["disks"]), str(f["file_count"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  " + "  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    for f in folders:
+        if f["damage"]:
+            click.echo(f"  {f['name']}: {f['damage']}")
+    if verbose():
+        for sub in folders:
+            _echo_folder(sub, "  ")
+
+
 @click.command()
 @click.argument("path", type=click.Path(exists=True))
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (README, \"Output for scripts\").")
 def info(path, as_json):
-    """Tell whether a file or folder is encrypted, under which key, and how each file is stored."""
+    """Tell whether a file, folder or datastore is encrypted, under which key, and how each file is stored.
+
+    On a datastore (a folder of VM folders), one line per VM folder: its state, provider and
+    key, and how many disks and files it holds (--verbose: every file too).
+    """
     result = inspect.info(path)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        emit_json(result)
+    elif result.get("datastore"):
+        _echo_datastore(result)
     else:
         _echo_folder(result)
         if result["backing_path"] != result["path"]:
             click.echo(f"  (through the mount: at rest {result['backing_path']})")
-        for sub in result.get("folders", []):
-            _echo_folder(sub, "  ")
     damaged = [r for r in [result, *result.get("folders", [])] if r.get("damage_code")]
     if damaged:
         # The report is complete; the exit status says that something in it needs repair.
@@ -120,7 +166,7 @@ def info(path, as_json):
 @click.argument("file", type=click.Path(dir_okay=False))  # no exists=True: click would follow a symlink (issue 7, case 5)
 @pass_ctx
 def cat(c, file):
-    """Write the plaintext of one file (e.g. a core dump) to standard output."""
+    """Write the plaintext of one file (a core dump, an nvram file) to standard output."""
     out = click.get_binary_stream("stdout")
     with agent_session(c.config, "cat", target=os.path.abspath(file)) as agent:
         lifecycle.cat_file(file, agent, out.write)

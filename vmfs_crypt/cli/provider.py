@@ -13,18 +13,20 @@ import click
 
 from ..agent import protocol as p
 from ..agent.launcher import agent_session
-from ..errors import UsageError
+from ..errors import InUseError, UsageError
 from ..format.atomicio import write_atomic
+from ..fs.mounts import vmfs_mounts
+from ..ops import inspect
 from ..providers.native import NativeKeyProvider
-from .common import pass_ctx, warn_backup
+from .common import Group, emit_json, note, pass_ctx, warn, warn_backup
 
 
-@click.group()
+@click.group(cls=Group)
 def provider():
     """Manage key providers."""
 
 
-@provider.group("add")
+@provider.group("add", cls=Group)
 def provider_add():
     """Add a key provider."""
 
@@ -45,8 +47,8 @@ def provider_add_native(c, name, key_file):
         settings["key_file"] = os.path.abspath(key_file)
     with _provider_session(c, f"add provider {name}") as agent:
         resp = agent.request(p.OP_PROVIDER_ADD, name=name, settings=settings)
-    click.echo(f"added native provider {name} (key file {resp['key_file']})" + (", the default" if resp["default"] else ""))
-    click.echo(f"warning: back it up now: vmfs-crypt provider backup {name} FILE", err=True)
+    note(f"added native provider {name} (key file {resp['key_file']})" + (", the default" if resp["default"] else ""))
+    warn(f"back it up now: vmfs-crypt provider backup {name} FILE")
 
 
 def _read_pem(path: str, what: str) -> str:
@@ -89,29 +91,80 @@ def provider_add_kmip(c, name, servers, cert, key_path, ca, connect_timeout, req
             fields["pem"] = {"cert": _read_pem(cert, "cert"), "key": _read_pem(key_path, "key"), "ca": _read_pem(ca, "ca")}
         resp = agent.request(p.OP_PROVIDER_ADD, name=name, settings=settings, check=not no_check, **fields)
     for server, problem in resp["probe"]:
-        click.echo(f"  {server}: {'ok' if problem is None else problem}", err=problem is not None)
-    click.echo(f"added KMIP provider {name} ({len(servers)} server(s): {', '.join(servers)})"
+        if problem is None:
+            note(f"  {server}: ok")
+        else:
+            warn(f"{server}: {problem}")
+    note(f"added KMIP provider {name} ({len(servers)} server(s): {', '.join(servers)})"
                + (", the default" if resp["default"] else ""))
+
+
+def _datastores_in_sight(config, given: tuple[str, ...]) -> list[str]:
+    """The datastores to look in before removing a provider: --datastore, the mounted ones, the configured [mounts]."""
+    found = [os.path.abspath(d) for d in given]
+    found += [m.datastore for m in vmfs_mounts()]
+    found += [m["datastore"] for m in config.mounts.values()]
+    return [d for d in dict.fromkeys(found) if os.path.isdir(d)]
 
 
 @provider.command("remove")
 @click.argument("name")
+@click.option("--datastore", "datastores", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Also look in this datastore for folders under NAME (repeatable; mounted and configured ones "
+                   "are always searched).")
+@click.option("--force", is_flag=True, help="Remove it even while folders use it (they cannot be opened until it is added back).")
 @pass_ctx
-def provider_remove(c, name):
-    """Remove provider NAME from the configuration (a native key file stays where it is)."""
+def provider_remove(c, name, datastores, force):
+    """Remove provider NAME from the configuration (a native key file stays where it is).
+
+    Refused while a folder of a datastore in sight (mounted, configured in [mounts], or named
+    with --datastore) is encrypted under NAME's keys; the refusal lists them.
+    """
+    searched = _datastores_in_sight(c.config, datastores)
+    users, unreadable = inspect.folders_using(name, searched)
+    if users and not force:
+        shown = ", ".join(users[:10]) + (f" and {len(users) - 10} more" if len(users) > 10 else "")
+        raise InUseError(f"provider {name} is in use by {len(users)} folder(s): {shown}; decrypt them or move them "
+                         f"to another provider (vmfs-crypt rekey FOLDER --provider OTHER) first, or remove it "
+                         "with --force (they cannot be opened until it is added back)")
+    if unreadable:
+        warn(f"{len(unreadable)} folder(s) could not be read to tell whether they use {name} "
+             f"(e.g. {unreadable[0]}); the agent's user can check them")
+    if not searched:
+        warn("no datastore was searched for folders under this provider (none is mounted or configured); "
+             "name one with --datastore")
     with _provider_session(c, f"remove provider {name}") as agent:
         resp = agent.request(p.OP_PROVIDER_REMOVE, name=name)
-    click.echo(f"removed provider {name}" + (f"; the default is now {resp['default_provider']}"
+    note(f"removed provider {name}" + (f"; the default is now {resp['default_provider']}"
                                              if resp["default_provider"] else "; no provider is left"))
     if resp.get("key_file"):
-        click.echo(f"warning: its key file {resp['key_file']} was kept: disks under it need it", err=True)
+        warn(f"its key file {resp['key_file']} was kept: disks under it need it")
+
+
+def provider_list_json(config) -> dict:
+    """`provider list --json` (README, "Output for scripts"): from the configuration file, no agent needed."""
+    out = []
+    for name, settings in sorted(config.providers.items()):
+        entry = {"name": name, "type": settings["type"], "default": name == config.default_provider}
+        if settings["type"] == "native":
+            key_file = config.native_key_file(name, settings)
+            entry.update(key_file=key_file, backed_up=NativeKeyProvider(name, key_file).describe()["backed_up"])
+        else:
+            entry.update(servers=list(settings["servers"]), on_revoke=settings.get("on_revoke", "keep"),
+                         cert=settings["cert"], ca=settings["ca"])
+        out.append(entry)
+    return {"config": config.path, "default_provider": config.default_provider, "providers": out}
 
 
 @provider.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (README, \"Output for scripts\").")
 @pass_ctx
-def provider_list(c):
+def provider_list(c, as_json):
     """List the configured key providers."""
     config = c.config
+    if as_json:
+        emit_json(provider_list_json(config))
+        return
     if not config.providers:
         click.echo(f"no providers in {config.path}")
     for name, settings in sorted(config.providers.items()):
@@ -144,7 +197,7 @@ def provider_backup(c, name, file):
                              passphrase=_passphrase(confirm=True).decode("utf-8"))
     # Written by us, as us: the agent (perhaps root) writes no path a client names.
     write_atomic(file, resp["backup"].encode("utf-8"), 0o600)
-    click.echo(f"backed up provider {name} to {file}; keep the file and the passphrase apart")
+    note(f"backed up provider {name} to {file}; keep the file and the passphrase apart")
 
 
 @provider.command("restore")
@@ -159,4 +212,4 @@ def provider_restore(c, name, file):
         resp = agent.request(p.OP_PROVIDER_RESTORE, name=name, source=file,
                              backup=document.decode("utf-8", "replace"),
                              passphrase=_passphrase(confirm=False).decode("utf-8"))
-    click.echo(f"restored provider {name} into {resp['key_file']}")
+    note(f"restored provider {name} into {resp['key_file']}")

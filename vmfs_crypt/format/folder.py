@@ -43,7 +43,7 @@ class FolderKeys:
 
     kek: KeyRef
     files: dict[str, KeyRecord] = field(default_factory=dict)
-    # An in-place re-encryption in flight (FORMAT.md 7.7, issue 10): written with the feature
+    # An in-place re-encryption in flight (FORMAT.md 7.8, issue 10): written with the feature
     # "reencrypt", which readers that do not implement it refuse.
     reencrypt: ReencryptState | None = None
 
@@ -110,9 +110,12 @@ class FolderState(enum.Enum):
 class VmFolder:
     """One directory of the backing datastore, seen through its (optional) folder key file."""
 
-    def __init__(self, backing_dir: str) -> None:
+    def __init__(self, backing_dir: str, shown: str | None = None) -> None:
         self.backing_dir = backing_dir
         self.keys_path = os.path.join(backing_dir, FOLDER_KEYS_NAME)
+        # `shown`: the path for messages when backing_dir is a /proc/self/fd path (the mount's)
+        self.shown_dir = shown or backing_dir
+        self.shown_keys = os.path.join(self.shown_dir, FOLDER_KEYS_NAME)
 
     def state(self) -> FolderState:
         if os.path.lexists(os.path.join(self.backing_dir, JOURNAL_NAME)):
@@ -143,7 +146,7 @@ class VmFolder:
                 f"{journal}: an interrupted operation is not finished yet; the next mount or offline operation "
                 "of this folder finishes it")
         what = "is not a regular file" if os.path.lexists(self.keys_path) else "is missing"
-        return (f"{self.keys_path} {what}, but descriptors in {self.backing_dir} carry encryption lines: "
+        return (f"{self.shown_keys} {what}, but descriptors in {self.shown_dir} carry encryption lines: "
                 "the folder's keys are lost; restore the key file from a backup copy (and the provider "
                 "with 'vmfs-crypt provider restore' if needed)")
 
@@ -151,11 +154,11 @@ class VmFolder:
         try:
             raw = read_regular(self.keys_path, FOLDER_KEYS_MAX_SIZE)
         except FileNotFoundError:
-            raise FormatError(f"{self.keys_path}: missing; this folder is not encrypted") from None
+            raise FormatError(f"{self.shown_keys}: missing; this folder is not encrypted") from None
         except NotRegularFile:
-            raise FormatError(f"{self.keys_path}: not a regular file; restore the folder key file "
+            raise FormatError(f"{self.shown_keys}: not a regular file; restore the folder key file "
                               "from a backup") from None
-        return FolderKeys.from_bytes(raw, self.keys_path, allow_reencrypt)
+        return FolderKeys.from_bytes(raw, self.shown_keys, allow_reencrypt)
 
     def save_keys(self, keys: FolderKeys) -> None:
         write_atomic(self.keys_path, keys.to_bytes(), 0o600)

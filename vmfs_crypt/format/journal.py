@@ -163,7 +163,7 @@ def check_journal(folder: VmFolder, doc: dict, path: str, committing: bool = Fal
     rewritten = new_keys is not None and current_raw == keys.encode("utf-8")
     now, finished = _keys_now(folder, current_raw, path, rewritten)
     after = _keys_after(folder, finals, pending, new_keys)
-    # An in-place re-encryption's commit (FORMAT.md 7.7): its files were rewritten in place,
+    # An in-place re-encryption's commit (FORMAT.md 7.8): its files were rewritten in place,
     # so each takes its `to` record (none when decrypted), and nothing else of the rule changes.
     for name, data in sorted(finished.items()):
         if after.get(name) != data:

@@ -1,4 +1,4 @@
-"""The state of an in-place re-encryption (docs/FORMAT.md 7.7): the folder key file's `reencrypt` member and the region sidecar."""
+"""The state of an in-place re-encryption (docs/FORMAT.md 7.8): the folder key file's `reencrypt` member and the region sidecar."""
 
 import hashlib
 import json
@@ -42,7 +42,7 @@ class ReencryptFile:
 
 @dataclass
 class ReencryptState:
-    """The folder's operation in flight (FORMAT.md 7.7)."""
+    """The folder's operation in flight (FORMAT.md 7.8)."""
 
     op: str
     region_size: int
@@ -62,7 +62,7 @@ class ReencryptState:
 
     @classmethod
     def from_json(cls, obj, what: str, files: dict[str, KeyRecord]) -> "ReencryptState":
-        """Parse and check the member against the key file's `files` (FormatError on anything FORMAT.md 7.7 rejects)."""
+        """Parse and check the member against the key file's `files` (FormatError on anything FORMAT.md 7.8 rejects)."""
         what = f"{what}: reencrypt"
         if not isinstance(obj, dict):
             raise FormatError(f"{what}: must be an object")
@@ -141,7 +141,7 @@ def read_region(folder_dir: str, current: ReencryptFile | None, region_size: int
     """(offset, old bytes) of a valid sidecar for `current`'s region at its boundary; None when there is none.
 
     Anything else (torn, stale, for another file or offset) is ignored: the writer changes no
-    byte of a region before its sidecar is complete and fsynced (FORMAT.md 7.7).
+    byte of a region before its sidecar is complete and fsynced (FORMAT.md 7.8).
     """
     if current is None:
         return None

@@ -45,6 +45,7 @@ from ..sysutil import RENAME_NOREPLACE, renameat2
 from .datapath import choose as choose_datapath
 from .openfiles import DescriptorFile, EncryptedFile, OpenFileTable
 from .tree import Entry, Tree
+from .policy import new_folder_kek
 
 log = logging.getLogger("vmfs_crypt.fs")
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -99,7 +100,7 @@ class VmfsCore:
     # -- helpers -------------------------------------------------------------------------
     @staticmethod
     def folder_of(e: Entry) -> VmFolder:
-        return VmFolder(e.parent_real)
+        return VmFolder(e.parent_real, e.shown_parent)
 
     def _lstat(self, e: Entry) -> os.stat_result:
         return os.lstat(e.at, dir_fd=e.dirfd)
@@ -115,14 +116,34 @@ class VmfsCore:
     def _is_revoked(self, kek: KeyRef) -> bool:
         return kek in self.revoked
 
-    def _chown_new(self, e: Entry, caller: Caller | None) -> None:
-        """Give a new entry the caller's uid, and its gid unless the directory is setgid (POSIX)."""
-        if caller is None or not self._as_root:
+    def _chown_new(self, e: Entry, caller: Caller | None, mode: int | None = None, fd: int | None = None) -> None:
+        """Give a new entry the caller's uid, and its gid unless the directory is setgid (POSIX); then exactly `mode`.
+
+        The kernel passes the mode with the caller's umask applied already (no FUSE_CAP_DONT_MASK),
+        so the daemon's own umask must not apply a second time, and chown(2) clears the set-id
+        bits a create asked for: the mode is set again after the chown (issue 12, chmod/12).
+        A directory in a setgid directory keeps the S_ISGID it inherits; a new file of a group
+        the caller does not belong to loses S_ISGID, as inode_init_owner does.
+        """
+        gid = caller.gid if caller is not None else -1
+        parent_sgid = bool(os.stat(".", dir_fd=e.dirfd).st_mode & stat.S_ISGID)
+        if caller is not None and self._as_root:
+            os.chown(e.at, caller.uid, -1 if parent_sgid else gid, dir_fd=e.dirfd, follow_symlinks=False)
+        if mode is None:
             return
-        gid = caller.gid
-        if os.stat(".", dir_fd=e.dirfd).st_mode & stat.S_ISGID:
-            gid = -1  # inherited from the directory already
-        os.chown(e.at, caller.uid, gid, dir_fd=e.dirfd, follow_symlinks=False)
+        own = fd if fd is not None else os.open(e.at, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=e.dirfd)
+        try:
+            st = os.fstat(own)
+            bits = stat.S_IMODE(mode)
+            if stat.S_ISDIR(st.st_mode) and parent_sgid:
+                bits |= stat.S_ISGID
+            elif (bits & stat.S_ISGID and caller is not None and caller.uid != 0 and st.st_gid != caller.gid):
+                bits &= ~stat.S_ISGID
+            if stat.S_IMODE(st.st_mode) != bits and not stat.S_ISLNK(st.st_mode):
+                os.chmod(f"/proc/self/fd/{own}", bits)
+        finally:
+            if fd is None:
+                os.close(own)
 
     @staticmethod
     def _damaged(folder: VmFolder) -> DataError:
@@ -202,10 +223,10 @@ class VmfsCore:
         """
         if not key_lines:
             return
-        record = read_key_record(b"".join(key_lines), e.real)
+        record = read_key_record(b"".join(key_lines), e.shown)
         listed = extents(text)
         if len(listed) != 1:
-            raise FormatError(f"{e.real}: has encryption lines but {len(listed)} extents (FORMAT.md 6.2)")
+            raise FormatError(f"{e.shown}: has encryption lines but {len(listed)} extents (FORMAT.md 6.2)")
         extent = listed[0].file_name
         if "/" in extent or extent in (".", "..") or is_hidden_name(extent):
             return
@@ -286,6 +307,10 @@ class VmfsCore:
                 st = os.lstat(path)
             except (FileNotFoundError, NotADirectoryError):
                 return None
+            except OSError as exc:
+                if exc.errno == errno.ENAMETOOLONG:
+                    return None  # a name no file can have (pjdfstest symlink/02): nothing there
+                raise
             if stat.S_ISDIR(st.st_mode):
                 return VmFolder(path).state()
             if last:
@@ -297,19 +322,62 @@ class VmfsCore:
         sv = os.statvfs(self.tree.root_fd)
         return {k: getattr(sv, k) for k in STATFS_FIELDS}
 
+    def _following_extents(self, e: Entry, st: os.stat_result, same_group: bool) -> list[str]:
+        """The extents (in its folder) of the descriptor at `e` that follow its owner and mode.
+
+        Issue 9: libvirt's dynamic ownership chowns the descriptor it was given, not the flat
+        extent `create` made 0600 root, so QEMU got EACCES on the extent. An extent follows
+        when it is a regular file with the descriptor's owner (and group, for chown) before the
+        change: a descriptor's owner never reaches a file someone else owns.
+        """
+        if not stat.S_ISREG(st.st_mode) or st.st_size > DESCRIPTOR_MAX_SIZE:
+            return []
+        try:
+            _, text = self._descriptor_keys_at(e)
+        except (OSError, VmfsCryptError):
+            return []
+        out = []
+        for extent in {x.file_name for x in extents(text) if x.file_name}:
+            if "/" in extent or extent in (".", "..", e.name) or is_hidden_name(extent):
+                continue
+            try:
+                xs = os.stat(extent, dir_fd=e.dirfd, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(xs.st_mode) and xs.st_uid == st.st_uid and (not same_group or xs.st_gid == st.st_gid):
+                out.append(extent)
+        return sorted(out)
+
     def chmod(self, path: str, mode: int) -> None:
         with self.tree.entry(path) as e:
             fd = os.open(e.at, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=e.dirfd)
             try:
-                if stat.S_ISLNK(os.fstat(fd).st_mode):
+                st = os.fstat(fd)
+                if stat.S_ISLNK(st.st_mode):
                     raise OSError(errno.EOPNOTSUPP, "symlinks have no mode of their own")
+                followers = self._following_extents(e, st, same_group=False)
                 os.chmod(f"/proc/self/fd/{fd}", mode)
             finally:
                 os.close(fd)
+            for extent in followers:
+                self._chmod_at(e.dirfd, extent, mode)
+
+    @staticmethod
+    def _chmod_at(dirfd: int, name: str, mode: int) -> None:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.chmod(f"/proc/self/fd/{fd}", mode)
+        finally:
+            os.close(fd)
 
     def chown(self, path: str, uid: int, gid: int) -> None:
         with self.tree.entry(path) as e:
+            st = os.stat(e.at, dir_fd=e.dirfd, follow_symlinks=False)
+            followers = self._following_extents(e, st, same_group=True)
             os.chown(e.at, uid, gid, dir_fd=e.dirfd, follow_symlinks=False)
+            for extent in followers:
+                os.chown(extent, uid, gid, dir_fd=e.dirfd, follow_symlinks=False)
 
     def utimens(self, path: str, times_ns: tuple[int, int] | None) -> None:
         """Set (atime, mtime) in ns; either may be UTIME_NOW or UTIME_OMIT, as utimensat(2) allows."""
@@ -336,14 +404,16 @@ class VmfsCore:
             state = parent.state()
             if state is FolderState.DAMAGED:
                 raise self._damaged(parent)
+            # Issue 9: the datastore's policy may ask for a new KEK for a folder made in a plaintext one.
+            policy_kek = new_folder_kek(self.root, self.keys, e.name) if state is FolderState.PLAIN else None
             with self._meta_lock:
-                kek = parent.load_keys().kek if state is FolderState.ENCRYPTED else None
+                kek = parent.load_keys().kek if state is FolderState.ENCRYPTED else policy_kek
                 os.mkdir(e.at, mode, dir_fd=e.dirfd)
                 try:
                     if kek is not None:
                         # A subfolder of an encrypted folder is encrypted too, under the parent's KEK.
-                        VmFolder(e.real).save_keys(FolderKeys(kek))
-                    self._chown_new(e, caller)
+                        VmFolder(e.real, e.shown).save_keys(FolderKeys(kek))
+                    self._chown_new(e, caller, mode)
                 except BaseException:
                     self._remove_new_dir(e)
                     raise
@@ -369,7 +439,7 @@ class VmfsCore:
                         try:
                             keys_raw = read_regular(os.path.join(e.real, FOLDER_KEYS_NAME), FOLDER_KEYS_MAX_SIZE)
                         except NotRegularFile:
-                            raise DataError(VmFolder(e.real).damage()) from None
+                            raise DataError(VmFolder(e.real, e.shown).damage()) from None
                     for name in names:  # stray temporaries, the journal of a failed operation
                         if name != FOLDER_KEYS_NAME:
                             os.unlink(name, dir_fd=fd)
@@ -403,7 +473,7 @@ class VmfsCore:
                 self.release(fh)
                 return
             os.mknod(e.at, mode, dev, dir_fd=e.dirfd)
-            self._chown_new(e, caller)
+            self._chown_new(e, caller, mode)
 
     def unlink(self, path: str) -> None:
         with self.tree.entry(path) as e:
@@ -442,7 +512,12 @@ class VmfsCore:
                 if flags & RENAME_NOREPLACE and os.path.lexists(en.real):
                     raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))  # before any key changes
                 if stat.S_ISDIR(self._lstat(eo).st_mode):
-                    self._rename_entry(eo, en, flags)
+                    restore = self._empty_replaced_dir(en)
+                    try:
+                        self._rename_entry(eo, en, flags)
+                    except BaseException:
+                        restore()
+                        raise
                     self.files.renamed(eo.rel, en.rel)
                     return
                 check_move(kind, dst_state, en.name)
@@ -466,6 +541,40 @@ class VmfsCore:
                 for handle in self.files.handles():
                     if isinstance(handle, EncryptedHandle) and handle.rel == en.rel:
                         self.datapath.rename(handle.file.lock, en.rel)  # names in native log records
+
+    def _empty_replaced_dir(self, en: Entry):
+        """A folder renamed over an empty folder: our metadata in the replaced one goes first.
+
+        An empty subfolder of an encrypted folder holds its key file; left there, rename(2)
+        answered ENOTEMPTY for a folder the mount shows empty (pjdfstest rename/09, rename/10,
+        issue 12). Returns what puts the key file back if the rename fails.
+        """
+        try:
+            fd = os.open(en.at, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=en.dirfd)
+        except (FileNotFoundError, NotADirectoryError, OSError):
+            return lambda: None  # nothing there, or not a folder: rename(2) answers for it
+        try:
+            names = os.listdir(fd)
+            if not names or any(not is_hidden_name(n) for n in names):
+                return lambda: None  # empty at rest, or not empty in the mount either (ENOTEMPTY)
+            keys_raw = None
+            if FOLDER_KEYS_NAME in names:
+                try:
+                    keys_raw = read_regular(f"/proc/self/fd/{fd}/{FOLDER_KEYS_NAME}", FOLDER_KEYS_MAX_SIZE)
+                except NotRegularFile:
+                    raise DataError(VmFolder(en.real, en.shown).damage()) from None
+            for name in names:
+                if name != FOLDER_KEYS_NAME:
+                    os.unlink(name, dir_fd=fd)
+            if keys_raw is not None:
+                os.unlink(FOLDER_KEYS_NAME, dir_fd=fd)
+        finally:
+            os.close(fd)
+
+        def restore() -> None:
+            if keys_raw is not None and os.path.isdir(en.real):
+                write_atomic(os.path.join(en.real, FOLDER_KEYS_NAME), keys_raw, 0o600)
+        return restore
 
     def _forget_open_key_lines(self, rel: str) -> None:
         desc = self.files.descriptors.get(rel)
@@ -519,7 +628,8 @@ class VmfsCore:
         record = src.key_record_for(eo.name)
         if record is None:
             raise DataError(f"{eo.rel}: no key for this encrypted file")
-        same = src.keys_path == dst.keys_path
+        # the same folder? (its paths are /proc/self/fd paths of two descriptors: compare the directories)
+        same = os.path.samestat(os.fstat(eo.dirfd), os.fstat(en.dirfd))
         dst_keys = dst.load_keys()
         src_keys = dst_keys if same else src.load_keys()
         previous = dst_keys.files.get(en.name)
@@ -713,7 +823,7 @@ class VmfsCore:
             if exists:
                 return self.open(path, flags & ~(os.O_CREAT | os.O_EXCL))
             try:
-                self._chown_new(e, caller)
+                self._chown_new(e, caller, mode, fd)
                 if kind is not FileKind.ENCRYPTED:
                     return self._attach_if_decided(self._add(PlainHandle(e.rel, fd)))
                 return self._attach_if_decided(self._add(self._open_encrypted(e, fd, folder, new_key)))

@@ -5,8 +5,9 @@ from dataclasses import dataclass
 
 from ..errors import MountError, UsageError
 
-FSNAME_PREFIX = "vmfs-crypt:"  # the mount's source is "vmfs-crypt:DATASTORE" (fsname=...)
-SUBTYPE = "vmfs-crypt"
+SUBTYPE = "vmfs-crypt"  # the mount's type is fuse.vmfs-crypt and its source the datastore (issue 9)
+FSTYPE = "fuse." + SUBTYPE
+OLD_FSNAME_PREFIX = "vmfs-crypt:"  # the source of mounts made before issue 9: "vmfs-crypt:DATASTORE"
 
 
 def _unescape(field: str) -> str:
@@ -27,23 +28,36 @@ class MountEntry:
     mountpoint: str
     fstype: str
     source: str
+    mount_id: int = 0
+    dev: str = ""  # "major:minor" of the filesystem (a FUSE connection's number)
+    propagation: tuple = ()  # the optional fields, e.g. ("shared:1",) or ("master:3",)
 
     @property
     def datastore(self) -> str | None:
         """The backing datastore of a vmfs-crypt mount (None for any other filesystem)."""
-        if self.fstype.startswith("fuse") and self.source.startswith(FSNAME_PREFIX):
-            return self.source[len(FSNAME_PREFIX):]
+        if self.fstype == FSTYPE and self.source.startswith("/"):
+            return self.source
+        if self.fstype.startswith("fuse") and self.source.startswith(OLD_FSNAME_PREFIX):
+            return self.source[len(OLD_FSNAME_PREFIX):]
         return None
 
 
-def mounts() -> list[MountEntry]:
+def parse_mountinfo(text: str) -> list[MountEntry]:
     out = []
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            out.append(MountEntry(_unescape(fields[4]), fields[sep + 1], _unescape(fields[sep + 2])))
+    for line in text.splitlines():
+        fields = line.split()
+        if "-" not in fields:
+            continue
+        sep = fields.index("-")
+        out.append(MountEntry(_unescape(fields[4]), fields[sep + 1], _unescape(fields[sep + 2]),
+                              int(fields[0]), fields[2], tuple(fields[6:sep])))
     return out
+
+
+def mounts(pid: int | str = "self") -> list[MountEntry]:
+    """The mount table of process `pid`'s mount namespace (ours by default)."""
+    with open(f"/proc/{pid}/mountinfo", encoding="utf-8") as f:
+        return parse_mountinfo(f.read())
 
 
 def is_mounted(mountpoint: str) -> bool:

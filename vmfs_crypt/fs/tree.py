@@ -62,7 +62,7 @@ class Entry:
     dirfd: int
     name: str  # "" for the root itself
     rel: str  # relative to the root, without a leading slash ("" for the root)
-    real: str  # the backing path (for messages and for format-layer code that reads metadata by path)
+    shown: str  # the backing path, for messages
 
     @property
     def at(self) -> str:
@@ -71,7 +71,21 @@ class Entry:
 
     @property
     def parent_real(self) -> str:
-        return os.path.dirname(self.real) if self.name else self.real
+        """A path of the parent directory for format-layer code that works on paths, valid while the entry is open.
+
+        Through the directory's descriptor, not the datastore path: a path that is short in the
+        mount may be longer than PATH_MAX at rest (pjdfstest */03.t gave ENAMETOOLONG; issue 12),
+        and no component is looked up again.
+        """
+        return f"/proc/self/fd/{self.dirfd}"
+
+    @property
+    def real(self) -> str:
+        return f"{self.parent_real}/{self.name}" if self.name else self.parent_real
+
+    @property
+    def shown_parent(self) -> str:
+        return os.path.dirname(self.shown) if self.name else self.shown
 
 
 class Tree:

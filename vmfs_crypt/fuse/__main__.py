@@ -5,6 +5,7 @@ import logging
 import sys
 
 from ..config import load_config
+from ..daemon import setup_logging
 from ..errors import VmfsCryptError
 from ..procs import ReadyPipe
 from .serve import run_mount
@@ -17,10 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", dest="options")
     parser.add_argument("--allow-other", action="store_true")
     parser.add_argument("--ready-fd", type=int)
+    parser.add_argument("--log-file")
     parser.add_argument("datastore")
     parser.add_argument("mountpoint")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s mount[%(process)d] %(levelname)s %(message)s")
+    setup_logging("mount", args.log_file)  # issue 9: 0600, rotated; the journal under systemd
     try:
         run_mount(load_config(args.config), args.datastore, args.mountpoint, args.agent, args.options,
                   args.allow_other, ReadyPipe(args.ready_fd))

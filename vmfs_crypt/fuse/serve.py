@@ -13,7 +13,7 @@ from ..format.inventory import datastore_key_refs, recover_datastore
 from ..format.keysafe import KeyRef
 from ..fs.core import VmfsCore
 from ..fs.dslock import DatastoreLock
-from ..fs.mounts import FSNAME_PREFIX, SUBTYPE, check_mount_args, is_mounted
+from ..fs.mounts import SUBTYPE, check_mount_args, is_mounted
 from ..procs import ReadyPipe
 from ..sysutil import cap_malloc_arenas, disable_core_dumps
 
@@ -84,35 +84,90 @@ def _when_live(mountpoint: str, on_ready) -> None:
     threading.Thread(target=wait, daemon=True, name="ready").start()
 
 
+class FuseMessages:
+    """What libfuse writes to stderr while it starts (an unknown option, a refused mount):
+    caught in a memfd so that the mount's error names it (issue 9: `-o bogusopt` said only
+    "FUSE mount failed (1)"), and copied to the real stderr (the log) when the mount is live."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        self._memfd = os.memfd_create("fuse-stderr", os.MFD_CLOEXEC)
+        os.dup2(self._memfd, 2)
+
+    def release(self) -> str:
+        """Give fd 2 back, copy what was caught there, and return it (once; "" afterwards)."""
+        with self._lock:
+            if self._saved is None:
+                return ""
+            sys.stderr.flush()
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+            self._saved = None
+            data = os.pread(self._memfd, 1 << 16, 0)
+            os.close(self._memfd)
+        if data:
+            os.write(2, data if data.endswith(b"\n") else data + b"\n")
+        return data.decode("utf-8", "replace").strip()
+
+
 def serve_fuse(core: VmfsCore, mountpoint: str, fuse_options: dict, on_ready) -> None:
     """Run the FUSE loop in this process until unmounted (multithreaded, foreground)."""
     import mfusepy  # the FUSE library loads only in the mount process
 
     from .adapter import FuseOperations, VmfsFuse
-    options = {"fsname": FSNAME_PREFIX + core.root, "subtype": SUBTYPE, "use_ino": True}
+    # findmnt shows type fuse.vmfs-crypt and the datastore as source (issue 9); a comma would
+    # end libfuse's option, so it is escaped.
+    options = {"fsname": core.root.replace("\\", "\\\\").replace(",", "\\,"), "subtype": SUBTYPE, "use_ino": True}
     if mfusepy.fuse_version_major == 2:
         # Without big_writes libfuse 2 splits buffered writes into 4 KiB requests: qemu-img
         # convert into the mount ran at 46 MiB/s, with it at 213 MiB/s (docs/PERFORMANCE.md).
         options["big_writes"] = True
+    # Hard links are two nodes to libfuse's path API: with cached attributes, a link, chmod or
+    # chown through one name left the other's st_nlink, mode and owner stale (pjdfstest link/00,
+    # rename/00; issue 12). Attributes are asked for at each stat; -o attr_timeout=N overrides.
+    options["attr_timeout"] = 0
     options.update(fuse_options)
     max_read = options.get("max_read")
-    ops = FuseOperations(core, on_init=lambda: _when_live(mountpoint, on_ready),
+    log.info("libfuse %d.%d", mfusepy.fuse_version_major, mfusepy.fuse_version_minor)
+    messages = FuseMessages()
+    was_live = threading.Event()
+
+    def live() -> None:
+        messages.release()
+        was_live.set()
+        on_ready()
+    ops = FuseOperations(core, on_init=lambda: _when_live(mountpoint, live),
                          max_read=int(max_read) if max_read else None)
     # glibc gives each thread that mallocs its own arena; libfuse's worker threads would each
     # keep the freed buffers of large requests in theirs. Two arenas bound the peak RSS.
     cap_malloc_arenas(2)
-    log.info("libfuse %d.%d", mfusepy.fuse_version_major, mfusepy.fuse_version_minor)
-    if core.datapath.name == "native":
-        from .native import serving_natively
-        with serving_natively():
+    try:
+        if core.datapath.name == "native":
+            from .native import serving_natively
+            with serving_natively():
+                VmfsFuse(ops, mountpoint, foreground=True, nothreads=False, **options)
+        else:
             VmfsFuse(ops, mountpoint, foreground=True, nothreads=False, **options)
-    else:
-        VmfsFuse(ops, mountpoint, foreground=True, nothreads=False, **options)
+    except RuntimeError as exc:  # mfusepy: fuse_main returned non-zero
+        if was_live.is_set():
+            # libfuse ends a live loop with the signal's number on SIGTERM/SIGINT/SIGHUP (systemctl
+            # stop), after unmounting: a normal stop.
+            log.info("the FUSE loop ended (%s): unmounted", exc)
+            return
+        said = messages.release()
+        raise MountError(f"{mountpoint}: FUSE mount failed: {said}" if said
+                         else f"{mountpoint}: FUSE mount failed ({exc})") from None
+    finally:
+        messages.release()
 
 
 def run_mount(config: Config, datastore: str, mountpoint: str, agent_socket: str | None, options_text: str | None,
               allow_other: bool, ready: ReadyPipe) -> None:
     """Serve the mount in this process (the detached child of `vmfs-crypt mount`, or --foreground)."""
+    # The mount table holds absolute paths: a relative MOUNTPOINT was never found there (issue 9).
+    datastore, mountpoint = os.path.abspath(datastore), os.path.abspath(mountpoint)
     lock = DatastoreLock(os.path.realpath(datastore) if os.path.isdir(datastore) else datastore)
     stop = threading.Event()
     try:
@@ -140,11 +195,15 @@ def run_mount(config: Config, datastore: str, mountpoint: str, agent_socket: str
     threading.Thread(target=watch_revocations, args=(core, agent, stop), daemon=True, name="revocations").start()
     try:
         serve_fuse(core, mountpoint, options, ready.ok)
+    except MountError as exc:
+        ready.error(exc)
+        raise
     except Exception as exc:
         err = MountError(f"{mountpoint}: FUSE mount failed ({exc})")
         ready.error(err)
         raise err from None
     finally:
+        ready.stopping()
         stop.set()
         ready.error(MountError("the FUSE loop ended before the mount came up"))
         stats = core.datapath_stats()

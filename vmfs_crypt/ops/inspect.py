@@ -9,7 +9,8 @@ import os
 from ..crypto.sectors import SECTOR_SIZE
 from ..errors import DataError, FormatError, UsageError, VmfsCryptError
 from ..format.descriptor import read_descriptor
-from ..format.folder import JOURNAL_NAME, FolderState, VmFolder
+from ..format.dspolicy import policy_path, read_policy
+from ..format.folder import FOLDER_KEYS_NAME, JOURNAL_NAME, FolderState, VmFolder
 from ..format.journal import journal_problem
 from ..format.inventory import folder_files, walk_folders
 from ..format.keysafe import CIPHER_NAME
@@ -23,18 +24,45 @@ def _damage_code(folder: VmFolder) -> str:
     return DataError.code
 
 
+def key_location(key_in: str | None) -> str | None:
+    """Where a file's wrapped DEK lives, as one stable word: "descriptor", "folder" (.vmfs-crypt.json) or None."""
+    if key_in is None:
+        return None
+    return "folder" if key_in == FOLDER_KEYS_NAME else "descriptor"
+
+
+def _file_json(info) -> dict:
+    """A file's entry: the KEK is always "kek" (issue 9), with key_location saying where its record lives;
+    a file stored in plaintext has cipher null."""
+    out = info.as_json()
+    out["key_location"] = key_location(out["key_in"])
+    out["cipher"] = CIPHER_NAME if out["role"] == "encrypted" else None
+    return out
+
+
+def _disk_count(folder: VmFolder, files: list[dict]) -> int:
+    """Disks of a folder: every .vmdk that is not an extent named by another descriptor."""
+    try:
+        owners = folder.extent_owners()
+    except VmfsCryptError:
+        owners = {}
+    return sum(1 for f in files if f["name"].lower().endswith(".vmdk") and owners.get(f["name"], f["name"]) == f["name"])
+
+
 def folder_info(folder: VmFolder) -> dict:
     """One folder: its state, why it is damaged and how to repair it, its KEK, and each file's role."""
     state = folder.state()
     damaged = state is FolderState.DAMAGED
-    result = {"folder": folder.backing_dir, "state": state.value, "encrypted": state is FolderState.ENCRYPTED,
+    result = {"folder": folder.backing_dir, "name": os.path.basename(folder.backing_dir), "state": state.value,
+              "encrypted": state is FolderState.ENCRYPTED,
               "damage": folder.damage() if damaged else None, "damage_code": _damage_code(folder) if damaged else None,
               "cipher": CIPHER_NAME if state is not FolderState.PLAIN else None,
-              "sector_size": SECTOR_SIZE, "kek": None, "files": []}
+              "sector_size": SECTOR_SIZE, "kek": None, "disks": 0, "file_count": 0, "files": []}
     try:
         if state is FolderState.ENCRYPTED:
             result["kek"] = folder.load_keys().kek.to_json()
-        result["files"] = [f.as_json() for f in folder_files(folder)]
+        result["files"] = [_file_json(f) for f in folder_files(folder)]
+        result["disks"], result["file_count"] = _disk_count(folder, result["files"]), len(result["files"])
     except VmfsCryptError as exc:
         result.update(state=FolderState.DAMAGED.value, encrypted=False, damage=str(exc), damage_code=exc.code)
     return result
@@ -60,20 +88,64 @@ def info(path: str) -> dict:
             try:
                 record = desc.key_record()
                 result["disk"] = {"descriptor": only, "extents": [e.file_name for e in desc.extents],
-                                  "kek": record.keysafe.kek.to_json() if record else None}
+                                  "kek": record.keysafe.kek.to_json() if record else None,
+                                  "key_location": "descriptor" if record else None}
             except VmfsCryptError as exc:
                 result["disk"] = {"descriptor": only, "extents": [e.file_name for e in desc.extents],
-                                  "kek": None, "error": str(exc)}
+                                  "kek": None, "key_location": None, "error": str(exc)}
         result["files"] = [f for f in result["files"] if f["name"] in wanted]
-    elif _is_datastore_root(folder):
+        disk = result.get("disk")
+        if disk is not None and disk["kek"] is None and "error" not in disk:
+            # A disk whose key records are in the folder key file (sparse, multi-extent): the same two fields
+            keyed = [f for f in result["files"] if f["kek"]]
+            if keyed:
+                disk.update(kek=keyed[0]["kek"], key_location=keyed[0]["key_location"])
+        result["file_count"] = len(result["files"])
+        result["disks"] = _disk_count(folder, result["files"])
+    result["datastore"] = only is None and _is_datastore_root(folder)
+    if result["datastore"]:
+        try:
+            pol = read_policy(folder.backing_dir)
+            result["policy"] = {"encrypt_new_folders": pol.encrypt_new_folders, "provider": pol.provider, "error": None}
+        except VmfsCryptError as exc:  # reported, not fatal: info is how one finds out
+            result["policy"] = {"encrypt_new_folders": None, "provider": None, "error": str(exc)}
         result["folders"] = [folder_info(f) for f in walk_folders(folder.backing_dir)
                              if f.backing_dir != folder.backing_dir]
     return result
 
 
 def _is_datastore_root(folder: VmFolder) -> bool:
-    """A folder that holds VM folders: summarised folder by folder (issue 9)."""
+    """A folder that holds VM folders, or a datastore policy file: summarised folder by folder (issue 9)."""
+    if os.path.lexists(policy_path(folder.backing_dir)):
+        return True
     try:
         return any(e.is_dir(follow_symlinks=False) for e in os.scandir(folder.backing_dir))
     except OSError:
         return False
+
+
+def folders_using(provider: str, datastores: list[str]) -> tuple[list[str], list[str]]:
+    """(folders, unreadable): the encrypted folders of `datastores` whose keys come from `provider`
+    (provider remove refuses; issue 9), and the folders this user could not read to tell.
+
+    A folder counts if its KEK, or the KEK of any file record in it, is the provider's; a
+    damaged folder whose key file cannot be parsed counts too (it may be the provider's: fail closed).
+    """
+    out, unreadable = [], []
+    for ds in dict.fromkeys(os.path.abspath(d) for d in datastores):
+        for folder in walk_folders(ds):
+            try:
+                state = folder.state()
+                if state is FolderState.PLAIN:
+                    continue
+                try:
+                    uses = {folder.load_keys().kek.provider_id} if state is FolderState.ENCRYPTED else {None}
+                    uses |= {f.kek.provider_id for f in folder_files(folder) if f.kek}
+                except VmfsCryptError:
+                    uses = {None}
+            except OSError:  # another user's datastore (e.g. the root agent's): say so, do not guess
+                unreadable.append(folder.backing_dir)
+                continue
+            if provider in uses or None in uses:
+                out.append(folder.backing_dir)
+    return out, unreadable

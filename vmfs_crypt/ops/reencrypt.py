@@ -1,4 +1,4 @@
-"""In-place re-encryption of a folder's files, region by region, resumable after a crash (FORMAT.md 7.7, issue 10).
+"""In-place re-encryption of a folder's files, region by region, resumable after a crash (FORMAT.md 7.8, issue 10).
 
 Each region [b, b+R) is copied to the sidecar and fsynced, rewritten in place and fsynced,
 and only then is the boundary advanced by an atomic rewrite of the folder key file: extra
@@ -49,7 +49,7 @@ def start(tx: FolderTransaction, op: str, kek: KeyRef | None, base: FolderKeys, 
     """Record the operation: the key file gets the state (and every `from` record), keyed descriptors lose their lines.
 
     One journal commit, so that afterwards each file of the operation is keyed only by the
-    state, which readers that do not know it refuse (FORMAT.md 7.7).
+    state, which readers that do not know it refuse (FORMAT.md 7.8).
     """
     if not entries:  # nothing to rewrite: only the key metadata changes
         for name in strip:
@@ -127,7 +127,7 @@ def store(fd: int, offset: int, new: bytes, now: bytes, what: str, exact: bool =
     """Make the backing bytes at `offset` `new` (they are `now`), writing only sectors that must change.
 
     A sector that becomes all zero is punched out rather than written, so holes stay holes
-    (FORMAT.md 3.4, 7.7): a thin disk does not fill up by being re-encrypted or recovered.
+    (FORMAT.md 3.4, 7.8): a thin disk does not fill up by being re-encrypted or recovered.
     A sector all zero before and after is never written; `exact` (a restore from the sidecar)
     also skips every sector that already holds its bytes.
     """
