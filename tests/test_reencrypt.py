@@ -1,7 +1,7 @@
 """Issue 10: in-place encrypt, deep rekey and decrypt, SIGKILLed at several points and resumed (FORMAT.md 7.8).
 
 The real CLI runs with a small region size (VMFS_CRYPT_REGION_SIZE) so that a 32 MiB disk has
-128 regions; kill points are found by polling the state in the folder key file. Between kills
+128 regions; it stops itself at a chosen region (the engine's test-only stop points) and is SIGKILLed there. Between kills
 the folder is read with the independent reader of test_format_independent.py (FORMAT.md alone).
 """
 
@@ -19,7 +19,7 @@ from test_format_independent import decrypt_file, native_kek, parse_data, parse_
 
 
 SECTOR = 512
-REGION = 256 << 10  # 128 regions: the poller sees each kill point long before the end
+REGION = 256 << 10  # 128 regions
 DISK = 32 << 20
 NVRAM = (b"\x5a\xc3\x96\x3c" * 128) * 17 + b"tail"  # a partial last sector
 DESCRIPTOR = (b'# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\n'
@@ -60,34 +60,48 @@ def state(vm: str) -> dict | None:
     return doc.get("reencrypt")
 
 
-def run_killed(env, vm: str, args: list[str], fraction: float, peak: list[int]) -> dict:
-    """Start the CLI and SIGKILL it once the disk's boundary has passed `fraction` of it; the state at the kill."""
-    proc = subprocess.Popen(CLI + args + [vm], env=env.env, cwd=env.base, stdout=subprocess.DEVNULL,
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()[0] == b"T"
+
+
+def run_killed(env, vm: str, args: list[str], regions: int, mid_region: bool, peak: list[int]) -> dict:
+    """Run the CLI until it stops itself at a fault-injection point, SIGKILL it there; the state at the kill.
+
+    `regions`: the Nth region this run rewrites (VMFS_CRYPT_TEST_STOP_AFTER_REGIONS: after its
+    boundary is committed; with `mid_region`, VMFS_CRYPT_TEST_STOP_IN_REGION: with its sidecar
+    written and half of it rewritten in place).
+    """
+    run_env = dict(env.env)
+    run_env["VMFS_CRYPT_TEST_STOP_IN_REGION" if mid_region else "VMFS_CRYPT_TEST_STOP_AFTER_REGIONS"] = str(regions)
+    proc = subprocess.Popen(CLI + args + [vm], env=run_env, cwd=env.base, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
-        while True:
-            st = state(vm)
-            try:
-                peak[0] = max(peak[0], os.stat(os.path.join(vm, ".vmfs-crypt-region")).st_size)
-            except FileNotFoundError:
-                pass
-            disk = next((f for f in st["files"] if f["name"] == "disk-flat.vmdk"), None) if st else None
-            if disk and disk["boundary"] >= fraction * disk["size"]:
-                proc.send_signal(signal.SIGKILL)
-                break
+        while not _stopped(proc.pid):
             if proc.poll() is not None:
-                raise AssertionError(f"{args} ended ({proc.returncode}) before the kill point: "
+                raise AssertionError(f"{args} ended ({proc.returncode}) before the stop point: "
                                      f"{proc.stderr.read().decode(errors='replace')}")
-            assert time.monotonic() < deadline, "no progress"
-            time.sleep(0.001)
+            assert time.monotonic() < deadline, "the stop point was not reached"
+            time.sleep(0.005)  # polling a real condition (state T), with a deadline
+        try:
+            peak[0] = max(peak[0], os.stat(os.path.join(vm, ".vmfs-crypt-region")).st_size)
+        except FileNotFoundError:
+            pass
+        proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     st = state(vm)
-    assert st is not None, f"the {args} killed at {fraction} left no state"
+    assert st is not None, f"the {args} killed at region {regions} left no state"
     return st
+
+
+def disk_regions_done(vm: str) -> int:
+    st = state(vm)
+    disk = next((f for f in st["files"] if f["name"] == "disk-flat.vmdk"), None) if st else None
+    return disk["boundary"] // REGION if disk else 0
 
 
 def key_file(env) -> dict[str, bytes]:
@@ -158,22 +172,6 @@ def check_plaintext(env, vm: str, files: dict[str, bytes]) -> None:
         assert got == files[name], f"{name}: plaintext differs after the resumed operation"
 
 
-def tamper_mid_region(vm: str, st: dict) -> None:
-    """Make the state of a kill inside step 2 (FORMAT.md 7.8): a valid sidecar and a half-rewritten region."""
-    fs = next(f for f in st["files"] if f["boundary"] < f["size"])
-    b, n = fs["boundary"], min(st["regionSize"], fs["size"] - fs["boundary"])
-    path = os.path.join(vm, fs["name"])
-    with open(path, "r+b") as f:
-        f.seek(b)
-        old = f.read(n)
-        f.seek(b)
-        f.write(os.urandom(n // 2))  # the in-place write was torn half way
-    head = json.dumps({"file": fs["name"], "format": "vmfs-crypt-region", "length": n, "offset": b,
-                       "sha256": hashlib.sha256(old).hexdigest(), "version": 1}).encode()
-    with open(os.path.join(vm, ".vmfs-crypt-region"), "wb") as f:
-        f.write(head + b"\n" + old)
-
-
 @pytest.fixture
 def small_regions(venv_env):
     venv_env.env["VMFS_CRYPT_REGION_SIZE"] = str(REGION)
@@ -186,8 +184,8 @@ def test_killed_in_place_operations_resume(small_regions, tmp_path):
     vm, files = make_vm(env.ds)
     keys = key_file(env)
     peak = [0]
-    for args, fractions in ((["encrypt"], (0.25, 0.7)), (["rekey", "--deep"], (0.3, 0.6)),
-                            (["decrypt"], (0.2, 0.65))):
+    for args, fractions in ((["encrypt"], (0.25, 0.5)), (["rekey", "--deep"], (0.3, 0.6)),
+                            (["decrypt"], (0.2, 0.45))):  # second kills outside the holes
         before = old_dek = None
         if args[0] == "rekey":
             with open(os.path.join(vm, "disk.vmdk"), "rb") as f:
@@ -197,8 +195,21 @@ def test_killed_in_place_operations_resume(small_regions, tmp_path):
             data = text.split('encryption.data = "')[1].split('"')[0]
             old_dek = dek_of({"keySafe": ks, "data": data}, keys)
         for i, fraction in enumerate(fractions):
-            st = run_killed(env, vm, args, fraction, peak)
+            # The disk is the operation's first file: the Nth region of this run ends at a known boundary.
+            target = int(fraction * DISK / REGION)
+            mid = i == 1  # the second kill is inside a region, the crash the sidecar exists for
+            st = run_killed(env, vm, args, target - disk_regions_done(vm), mid, peak)
             assert st["op"] == ("rekey" if args[0] == "rekey" else args[0])
+            disk = next(f for f in st["files"] if f["name"] == "disk-flat.vmdk")
+            assert disk["boundary"] == (target - 1 if mid else target) * REGION, (fraction, disk["boundary"])
+            if mid:  # a valid sidecar for the region in flight, half of which is rewritten already
+                with open(os.path.join(vm, ".vmfs-crypt-region"), "rb") as f:
+                    head, body = f.read().split(b"\n", 1)
+                assert json.loads(head)["offset"] == disk["boundary"] and len(body) == REGION
+                with open(os.path.join(vm, "disk-flat.vmdk"), "rb") as f:
+                    f.seek(disk["boundary"])
+                    now = f.read(REGION)
+                assert now[REGION // 2:] == body[REGION // 2:] and now[:REGION // 2] != body[:REGION // 2]
             # A reader of FORMAT.md alone decrypts the folder in the middle of the operation.
             for name in ("disk-flat.vmdk", "vm1.nvram"):
                 assert read_in_flight(vm, name, keys) == files[name], f"{name} unreadable after a kill at {fraction}"
@@ -206,9 +217,6 @@ def test_killed_in_place_operations_resume(small_regions, tmp_path):
                 assert b"encryption." not in f.read(), "a descriptor keys a file under re-encryption"
             refused = env.run("cat", os.path.join(vm, "disk-flat.vmdk"), check=False)
             assert refused.returncode != 0 and b"interrupted" in refused.stderr
-            if i == 1:
-                tamper_mid_region(vm, st)  # resume must restore the region from the sidecar
-                assert read_in_flight(vm, "disk-flat.vmdk", keys) == files["disk-flat.vmdk"]
         out = env.run(*args, vm)
         assert state(vm) is None and not os.path.exists(os.path.join(vm, ".vmfs-crypt-region")), out.stderr
         check_plaintext(env, vm, files)
@@ -240,7 +248,7 @@ def test_a_version_1_reader_refuses_a_folder_in_flight(small_regions):
     from support import mounted
     env = small_regions
     vm, files = make_vm(env.ds)
-    run_killed(env, vm, ["encrypt"], 0.5, [0])
+    run_killed(env, vm, ["encrypt"], 64, False, [0])
     with open(os.path.join(vm, ".vmfs-crypt.json"), "rb") as f:
         doc = json.loads(f.read())
     assert doc["features"] == ["reencrypt"]  # section 1: unknown features are rejected by older readers

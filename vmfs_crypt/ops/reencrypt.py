@@ -8,6 +8,7 @@ the end, in one journal commit (ops/transaction.py).
 
 import errno
 import os
+import signal
 import stat
 from typing import Callable
 
@@ -28,6 +29,26 @@ REGION_ENV = "VMFS_CRYPT_REGION_SIZE"  # bytes per region; small values let test
 WRITE_CHUNK = 4 << 20
 _ZERO_BLOCK = bytes(16)  # every hole holds one; real ciphertext almost never does
 ProgressFactory = Callable[[int, str], object]
+
+# Test-only fault injection (issue 10's kill tests; no effect when unset), read once per process:
+# the engine SIGSTOPs itself so that a test can SIGKILL it at an exact point instead of racing
+# a poller. Regions are counted from 1 in the order this process rewrites them.
+STOP_AFTER_ENV = "VMFS_CRYPT_TEST_STOP_AFTER_REGIONS"  # stop once the Nth region's boundary is committed
+STOP_IN_ENV = "VMFS_CRYPT_TEST_STOP_IN_REGION"  # stop in the Nth region: sidecar written, half of it rewritten
+
+
+def _stop_point(name: str) -> int | None:
+    raw = os.environ.get(name, "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else None
+
+
+_STOP_AFTER = _stop_point(STOP_AFTER_ENV)
+_STOP_IN = _stop_point(STOP_IN_ENV)
+_regions_started = 0
+
+
+def _stop_here() -> None:
+    os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def region_size() -> int:
@@ -192,6 +213,7 @@ def run(tx: FolderTransaction, keys: KeyAccess, current: FolderKeys | None, prog
 
     `fresh`: file name -> the new DEK just made for it (so a first run needs no unwrap of it).
     """
+    global _regions_started
     if current is None:
         return  # start() had nothing to rewrite and committed already
     folder = tx.folder
@@ -226,11 +248,20 @@ def run(tx: FolderTransaction, keys: KeyAccess, current: FolderKeys | None, prog
                     n = min(state.region_size, f.size - off)
                     old = _read_exact(fd, n, off, what)
                     write_region(d, f.name, off, old)
-                    _write_in_place(fd, off, old, off // SECTOR_SIZE, frm, to, what)
+                    _regions_started += 1
+                    half = 0
+                    if _regions_started == _STOP_IN:  # test-only: a crash inside step 2
+                        half = n // 2 // SECTOR_SIZE * SECTOR_SIZE
+                        _write_in_place(fd, off, old[:half], off // SECTOR_SIZE, frm, to, what)
+                        os.fsync(fd)
+                        _stop_here()
+                    _write_in_place(fd, off + half, old[half:], (off + half) // SECTOR_SIZE, frm, to, what)
                     os.fsync(fd)
                     f.boundary = off + n
                     folder.save_keys(current)  # the boundary moves: the region is under the new key now
                     bar.update(n)
+                    if _regions_started == _STOP_AFTER:  # test-only: a crash between regions
+                        _stop_here()
             finally:
                 os.close(fd)
     remove_region(d)
