@@ -28,8 +28,8 @@ HOLE_AT = 20 << 20  # [20 MiB, 28 MiB) of the disk is never written: a hole of t
 HOLE_END = 28 << 20
 
 
-def make_vm(ds: str) -> tuple[str, dict[str, bytes]]:
-    vm = os.path.join(ds, "vm1")
+def make_vm(ds: str, name: str = "vm1") -> tuple[str, dict[str, bytes]]:
+    vm = os.path.join(ds, name)
     os.makedirs(vm)
     rnd = hashlib.shake_256(b"issue 10").digest(8 << 20)
     with open(os.path.join(vm, "disk-flat.vmdk"), "wb") as f:
@@ -242,24 +242,68 @@ def test_killed_in_place_operations_resume(small_regions, tmp_path):
 
 
 @pytest.mark.cli
-@pytest.mark.fuse
 def test_a_version_1_reader_refuses_a_folder_in_flight(small_regions):
-    """The feature fails closed for readers that do not know it, and the mount refuses the folder's files."""
-    from support import mounted
+    """The feature fails closed for readers that do not know it; `cat` refuses the folder's files too.
+
+    (The mount now resumes such a folder first; its refusal of one it cannot resume is shown by
+    test_the_next_mount_resumes_an_interrupted_encrypt.)
+    """
     env = small_regions
     vm, files = make_vm(env.ds)
     run_killed(env, vm, ["encrypt"], 64, False, [0])
     with open(os.path.join(vm, ".vmfs-crypt.json"), "rb") as f:
         doc = json.loads(f.read())
     assert doc["features"] == ["reencrypt"]  # section 1: unknown features are rejected by older readers
-    with mounted(env) as mnt:
-        with pytest.raises(OSError):
-            with open(os.path.join(mnt, "vm1", "disk-flat.vmdk"), "rb") as f:
-                f.read(4096)
-        with open(os.path.join(mnt, "vm1", "vm1.vmx"), "rb") as f:
-            assert f.read() == files["vm1.vmx"]
+    refused = env.run("cat", os.path.join(vm, "disk-flat.vmdk"), check=False)
+    assert refused.returncode != 0 and b"interrupted" in refused.stderr
     env.run("encrypt", vm)
     check_plaintext(env, vm, files)
+
+
+@pytest.mark.cli
+@pytest.mark.fuse
+def test_the_next_mount_resumes_an_interrupted_encrypt(small_regions):
+    """Issue 10: `vmfs-crypt mount` first finishes an in-place operation a SIGKILL interrupted.
+
+    vm1 is killed inside a region and resumed by the mount; vm2's resume fails (its disk changed
+    size meanwhile): the mount still starts, serves vm1, and refuses vm2's disk, naming the command.
+    """
+    from support.env import is_mounted
+    env = small_regions
+    vm, files = make_vm(env.ds)
+    vm2, files2 = make_vm(env.ds, "vm2")
+    run_killed(env, vm, ["encrypt"], 40, True, [0])
+    run_killed(env, vm2, ["encrypt"], 10, False, [0])
+    os.truncate(os.path.join(vm2, "disk-flat.vmdk"), DISK + SECTOR)
+    mnt = os.path.join(env.base, "mnt")
+    os.makedirs(mnt)
+    env.mounts.append(mnt)
+    out = env.run("mount", env.ds, mnt, check=False, timeout=300)
+    try:
+        assert out.returncode == 0 and is_mounted(mnt), out.stderr.decode(errors="replace") + env.mount_logs()
+        assert f"resumed the interrupted in-place encrypt of {vm}".encode() in out.stdout, out.stdout
+        assert f"'vmfs-crypt encrypt {vm2}'".encode() in out.stderr, out.stderr
+        for name in ("disk-flat.vmdk", "vm1.nvram", "vm1.vmx"):
+            with open(os.path.join(mnt, "vm1", name), "rb") as f:
+                assert f.read() == files[name], f"{name} differs through the mount after the resume"
+        with pytest.raises(OSError):
+            with open(os.path.join(mnt, "vm2", "disk-flat.vmdk"), "rb") as f:
+                f.read(4096)
+        with open(os.path.join(mnt, "vm2", "vm1.vmx"), "rb") as f:
+            assert f.read() == files2["vm1.vmx"]  # the rest of the folder and the datastore are served
+    finally:
+        if is_mounted(mnt):
+            env.run("umount", mnt)
+    assert state(vm) is None and not os.path.exists(os.path.join(vm, ".vmfs-crypt-region"))
+    assert state(vm2) is not None  # left as it was, for 'vmfs-crypt encrypt' once the disk is restored
+    with open(os.path.join(vm, "disk-flat.vmdk"), "rb") as f:
+        backing = f.read()
+    plain = files["disk-flat.vmdk"]
+    assert all(backing[s:s + SECTOR] != plain[s:s + SECTOR] for s in range(0, DISK, SECTOR)
+               if any(plain[s:s + SECTOR])), "a sector of the backing file is plaintext"
+    assert_holes_kept(vm)
+    with open(os.path.join(vm, "disk.vmdk"), "rb") as f:
+        assert b"encryption.keySafe" in f.read()
 
 
 # -- the MUST-reject rules of FORMAT.md 7.8, on the parser alone --------------------------------

@@ -10,11 +10,12 @@ import os
 import click
 
 from ..agent import protocol as p
+from ..agent.launcher import agent_session
 from ..daemon import setup_logging
 from ..errors import ConfigError, UsageError
-from ..ops import mounting
+from ..ops import lifecycle, mounting
 from ..procs import NotifyReady
-from .common import note, pass_ctx, running_agent, warn_backup
+from .common import note, pass_ctx, progress, running_agent, warn, warn_backup
 
 
 @click.command()
@@ -51,6 +52,7 @@ def mount(c, datastore, mountpoint, name, foreground, options, allow_other, agen
                          "here, use --config")
     agent_socket = agent_socket or ours.get("agent")
     allow_other = allow_other or bool(ours.get("allow_other"))
+    _resume_interrupted(c, datastore)
     if foreground:
         from ..fuse.serve import run_mount  # only this path loads FUSE
         setup_logging("mount")
@@ -60,6 +62,24 @@ def mount(c, datastore, mountpoint, name, foreground, options, allow_other, agen
     log_path = mounting.mount_background(c.config, datastore, mountpoint, agent_socket, options, allow_other)
     note(f"mounted {datastore} at {mountpoint} (log: {log_path})")
     warn_backup(c.config)
+
+
+def _resume_interrupted(c, datastore: str) -> None:
+    """Finish the in-place operations a crash left in the datastore before mounting it (issue 10).
+
+    Each folder with the agent session its offline command would use; one that cannot be
+    resumed stays refused by the mount (with the command to run), and the mount still starts.
+    """
+    if not os.path.isdir(datastore):
+        return  # the mount reports it
+    def session(folder: str, purpose: str):
+        return agent_session(c.config, purpose, target=folder)
+    for r in lifecycle.resume_datastore(os.path.abspath(datastore), session, progress):
+        if r.error is None:
+            note(f"resumed the interrupted in-place {r.op} of {r.folder}")
+        else:
+            warn(f"{r.folder}: its interrupted in-place {r.op} was not resumed ({r.error}); the mount refuses "
+                 f"its encrypted files until 'vmfs-crypt {r.command} {r.folder}' finishes it")
 
 
 @click.command()
