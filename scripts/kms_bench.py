@@ -36,7 +36,7 @@ def build_datastore(config: Config, datastore: str, folders: int, per_folder: in
     """Create folders x per_folder thin encrypted disks in-process through one agent; seconds taken."""
     start = time.perf_counter()
     sock, _ = shared_agent(config, sidecar=False)
-    agent = AgentClient(sock)
+    agent = AgentClient(sock, purpose="create")  # issue 11: every key request states its purpose
     try:
         for i in range(folders):
             vm = os.path.join(datastore, f"vm{i:02d}")
