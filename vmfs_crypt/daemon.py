@@ -79,14 +79,15 @@ def setup_logging(role: str, log_file: str | None = None) -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
     root.setLevel(logging.INFO)
+    plain = logging.Formatter(f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s")
     if under_journal():
         handler: logging.Handler = logging.StreamHandler()
         handler.setFormatter(JournalFormatter(f"{role}: %(levelname)s %(message)s"))
     elif log_file:
         max_bytes = int(os.environ.get("VMFS_CRYPT_LOG_MAX_BYTES") or LOG_MAX_BYTES)
         handler = PrivateRotatingFileHandler(log_file, max_bytes, LOG_BACKUPS, own_stderr=True)
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s"))
+        handler.setFormatter(plain)
     else:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s"))
+        handler.setFormatter(plain)
     root.addHandler(handler)

@@ -112,9 +112,10 @@ def folder_mounts(folder_dir: str) -> tuple[list[MountView], list[str]]:
     return views, unseen
 
 
-def _pids() -> list[int]:
+def other_pids() -> list[int]:
+    """Every process but this one, lowest pid first."""
     me = os.getpid()
-    return [int(n) for n in os.listdir("/proc") if n.isdigit() and int(n) != me]
+    return sorted(int(n) for n in os.listdir("/proc") if n.isdigit() and int(n) != me)
 
 
 def _dev_key(st: os.stat_result) -> tuple[int, int, int]:
@@ -176,7 +177,7 @@ def _scan(folder_dir: str, names: set[str], views: list[MountView]) -> list[Hold
             command = proc_cmdline(pid) if pid else "?"
             found[key] = Holder(name, pid, command, mount, internal)
 
-    for pid in _pids():
+    for pid in other_pids():
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:  # gone, or another user's process (its OFD locks still show in /proc/locks)

@@ -16,6 +16,7 @@ from ..fs.mounts import MountEntry, check_mount_args, mounts, vmfs_mounts
 from ..procs import raise_for, spawn_detached
 from ..runtime import ensure_runtime_dir
 from ..sysutil import proc_cmdline
+from .inuse import other_pids
 
 MOUNT_TIMEOUT_S = 30.0
 UMOUNT_TIMEOUT_S = 30.0
@@ -161,9 +162,8 @@ def mount_holders(entry: MountEntry, server_pid: int | None) -> list[Holder]:
     tables: dict[str, list[MountEntry]] = {}
     holders: list[Holder] = []
     stranded: dict[str, int] = {}  # namespace -> its first pid, where our unmount does not propagate
-    me = os.getpid()
-    for pid in sorted(int(n) for n in os.listdir("/proc") if n.isdigit()):
-        if pid in (me, server_pid):
+    for pid in other_pids():
+        if pid == server_pid:
             continue
         ns = _mnt_ns(pid)
         if ns is None:
