@@ -101,8 +101,8 @@ int vc_file_set_cipher(vc_file *f, vc_xts *cipher)
         return -EINVAL;
     int rc = 0;
     VC_MUST(pthread_mutex_lock(&f->mu));
-    if (!f->writer || f->cipher == NULL) {
-        rc = -EPERM;
+    if (!f->writer) {
+        rc = -EPERM; /* a plain file may get a cipher too: an online encrypt (issue 10) */
     } else {
         vc_xts *old = f->cipher;
         vc_xts_ref(cipher);
@@ -519,11 +519,17 @@ ssize_t vc_file_read(vc_file *f, int fd, void *buf, size_t size, int64_t off)
         size = (size_t)SSIZE_MAX; /* a read may return less */
     if (vc_file_revoked(f))
         return -EACCES;
-    if (f->cipher == NULL)
-        return plain_read(fd, buf, size, (uint64_t)off);
     struct fault ft = {0};
+    /* Plain files take the read lock too: an online encrypt gives one a cipher under the
+     * write lock, and no plain read may still be running then (issue 10). */
     vc_file_lock_read(f);
-    ssize_t r = vc_file_revoked(f) ? -EACCES : read_locked(f, fd, buf, size, (uint64_t)off, &ft);
+    ssize_t r;
+    if (vc_file_revoked(f))
+        r = -EACCES;
+    else if (f->cipher == NULL)
+        r = plain_read(fd, buf, size, (uint64_t)off);
+    else
+        r = read_locked(f, fd, buf, size, (uint64_t)off, &ft);
     VC_MUST(vc_file_unlock_read(f));
     if (r == -EIO && !ft.set)
         fault_note(&ft, (uint64_t)off / SECTOR, "input/output error");
@@ -794,8 +800,13 @@ ssize_t vc_file_write(vc_file *f, int fd, const void *buf, size_t size, int64_t 
         return 0;
     if ((uint64_t)size > (uint64_t)INT64_MAX - (uint64_t)off)
         return -EFBIG;
-    if (f->cipher == NULL)
-        return plain_write(fd, buf, size, (uint64_t)off);
+    vc_file_lock_read(f); /* as in vc_file_read: a plain file may get a cipher (issue 10) */
+    if (f->cipher == NULL) {
+        const ssize_t pr = vc_file_revoked(f) ? -EACCES : plain_write(fd, buf, size, (uint64_t)off);
+        VC_MUST(vc_file_unlock_read(f));
+        return pr;
+    }
+    VC_MUST(vc_file_unlock_read(f)); /* a cipher, once set, is never taken away */
     struct fault ft = {0};
     vc_file_lock_write(f);
     ssize_t r = vc_file_revoked(f) ? -EACCES : write_locked(f, fd, buf, size, (uint64_t)off, &ft);

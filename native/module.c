@@ -387,7 +387,7 @@ static PyObject *FileState_set_cipher(FileStateObject *self, PyObject *cipher)
     }
     const int rc = vc_file_set_cipher(self->f, ((SectorCipherObject *)cipher)->x);
     if (rc == -EPERM) {
-        PyErr_SetString(PyExc_RuntimeError, "set_cipher() needs the write lock held, on an encrypted file");
+        PyErr_SetString(PyExc_RuntimeError, "set_cipher() needs the write lock held");
         return NULL;
     }
     if (rc != 0)
@@ -648,7 +648,41 @@ static PyObject *mod_openssl_version(PyObject *mod, PyObject *unused)
     return PyUnicode_FromString(vc_xts_openssl_version());
 }
 
+/* split_cipher(below, above, boundary_sector): FORMAT.md 7.8's key of a file in flight. */
+static PyObject *mod_split_cipher(PyObject *mod, PyObject *args)
+{
+    (void)mod;
+    PyObject *below, *above;
+    unsigned long long boundary;
+    if (!PyArg_ParseTuple(args, "OOK:split_cipher", &below, &above, &boundary))
+        return NULL;
+    PyObject *parts[2] = {below, above};
+    for (int i = 0; i < 2; i++) {
+        if (parts[i] != Py_None && !PyObject_TypeCheck(parts[i], &SectorCipher_Type)) {
+            PyErr_SetString(PyExc_TypeError, "below and above must be SectorCipher or None");
+            return NULL;
+        }
+    }
+    vc_xts *x = NULL;
+    const int rc = vc_xts_split_new(below == Py_None ? NULL : ((SectorCipherObject *)below)->x,
+                                    above == Py_None ? NULL : ((SectorCipherObject *)above)->x,
+                                    (uint64_t)boundary, &x);
+    if (rc != 0)
+        return set_errno_error(rc);
+    SectorCipherObject *self = (SectorCipherObject *)SectorCipher_Type.tp_alloc(&SectorCipher_Type, 0);
+    if (self == NULL) {
+        vc_xts_unref(x);
+        return NULL;
+    }
+    self->x = x;
+    return (PyObject *)self;
+}
+
 static PyMethodDef module_methods[] = {
+    {"split_cipher", mod_split_cipher, METH_VARARGS,
+     "split_cipher(below, above, boundary_sector) -> SectorCipher\n\nSectors below boundary_sector under below, "
+     "the rest under above; None: plaintext (copied). The key of a file mid-way through an in-place "
+     "re-encryption (docs/FORMAT.md 7.8)."},
     {"register", mod_register, METH_VARARGS,
      "register(fh, fd, state)\n\nServe FUSE handle fh natively: a duplicate of fd with the FileState. "
      "ValueError if fh is registered; OSError if fd cannot be duplicated."},

@@ -37,6 +37,11 @@ struct vc_xts {
     struct ctxset *tmpl; /* keyed templates: only ever copied, never used to cipher */
     struct ctxset *pool;
     unsigned npool;
+    /* A split key (vc_xts_split_new): sectors below `boundary` under `below`, the rest under
+     * `above`; NULL = identity (plaintext). No contexts of its own (tmpl == NULL). */
+    int split;
+    vc_xts *below, *above;
+    uint64_t boundary;
 };
 
 static pthread_once_t fetch_once = PTHREAD_ONCE_INIT;
@@ -167,6 +172,10 @@ void vc_xts_unref(vc_xts *x)
 {
     if (x == NULL || atomic_fetch_sub_explicit(&x->refs, 1, memory_order_acq_rel) != 1)
         return;
+    if (x->split) {
+        vc_xts_unref(x->below);
+        vc_xts_unref(x->above);
+    }
     struct ctxset *s = x->pool;
     while (s != NULL) {
         struct ctxset *next = s->next;
@@ -313,6 +322,57 @@ static int partial(struct ctxset *s, int enc, uint64_t sector, const uint8_t *in
     return rc;
 }
 
+static int run(vc_xts *x, int enc, uint64_t first, const uint8_t *in, uint8_t *out, size_t len);
+
+/* One part of a split run: under `x`, or copied when `x` is NULL (plaintext). */
+static int part_run(vc_xts *x, int enc, uint64_t first, const uint8_t *in, uint8_t *out, size_t len)
+{
+    if (x == NULL) {
+        if (in != out)
+            memcpy(out, in, len);
+        return 0;
+    }
+    return run(x, enc, first, in, out, len);
+}
+
+/* Sectors [first, first + units) of a split key: the part below the boundary (whole sectors
+ * only, since only the last sector of a run may be partial) and the part at and above it. */
+static int split_run(vc_xts *x, int enc, uint64_t first, const uint8_t *in, uint8_t *out, size_t len,
+                     uint64_t units)
+{
+    uint64_t nbelow = 0;
+    if (first < x->boundary)
+        nbelow = x->boundary - first < units ? x->boundary - first : units;
+    const size_t lo_len = nbelow == units ? len : (size_t)nbelow * VC_SECTOR_SIZE;
+    int rc = part_run(x->below, enc, first, in, out, lo_len);
+    if (rc == 0 && lo_len < len)
+        rc = part_run(x->above, enc, first + nbelow, in + lo_len, out + lo_len, len - lo_len);
+    return rc;
+}
+
+int vc_xts_split_new(vc_xts *below, vc_xts *above, uint64_t boundary_sector, vc_xts **out)
+{
+    *out = NULL;
+    vc_xts *x = calloc(1, sizeof(*x));
+    if (x == NULL)
+        return -ENOMEM;
+    if (pthread_mutex_init(&x->mu, NULL) != 0) {
+        free(x);
+        return -ENOMEM;
+    }
+    atomic_init(&x->refs, 1);
+    x->split = 1;
+    x->boundary = boundary_sector;
+    if (below != NULL)
+        vc_xts_ref(below);
+    if (above != NULL)
+        vc_xts_ref(above);
+    x->below = below;
+    x->above = above;
+    *out = x;
+    return 0;
+}
+
 static int run(vc_xts *x, int enc, uint64_t first, const uint8_t *in, uint8_t *out, size_t len)
 {
     if (len == 0)
@@ -327,6 +387,8 @@ static int run(vc_xts *x, int enc, uint64_t first, const uint8_t *in, uint8_t *o
     if (units - 1 > UINT64_MAX - first)
         return -EINVAL;
 
+    if (x->split)
+        return split_run(x, enc, first, in, out, len, units);
     struct ctxset *s = acquire(x);
     if (s == NULL)
         return -ENOMEM;

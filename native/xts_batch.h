@@ -40,6 +40,11 @@ int vc_xts_new(const uint8_t dek[VC_DEK_SIZE], vc_xts **out);
 void vc_xts_ref(vc_xts *x);
 void vc_xts_unref(vc_xts *x); /* frees (cleansing) on the last reference; NULL is a no-op */
 
+/* A split key for a file in the middle of an in-place re-encryption (docs/FORMAT.md 7.8):
+ * sectors below `boundary_sector` under `below`, the others under `above`; NULL stands for
+ * plaintext (bytes copied unchanged). Takes a reference to each non-NULL part. */
+int vc_xts_split_new(vc_xts *below, vc_xts *above, uint64_t boundary_sector, vc_xts **out);
+
 /* Encrypt / decrypt `len` bytes of consecutive sectors starting at `first_sector`; only the
  * last may be partial. `in` and `out` must be the same buffer or not overlap. len == 0 is a
  * no-op (any first_sector). Sector numbers first_sector .. first_sector + ceil(len/512) - 1

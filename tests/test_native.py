@@ -561,12 +561,14 @@ def test_set_cipher_serves_under_the_new_key_only_with_the_write_lock(tmp_path):
             f.state.set_cipher(new)  # without the write lock
         with pytest.raises(TypeError):
             f.state.set_cipher(None)
+        with pytest.raises(RuntimeError):
+            plain.set_cipher(new)  # a plain file too needs the write lock held
         plain.acquire_write()
         try:
-            with pytest.raises(RuntimeError):
-                plain.set_cipher(new)  # a plain file has no cipher to change
+            plain.set_cipher(new)  # an online encrypt gives a plain file a key (issue 10)
         finally:
             plain.release_write()
+        assert plain.cipher is new
         f.state.acquire_write()
         try:
             os.ftruncate(f.fd, 0)
@@ -1381,3 +1383,94 @@ if __name__ == "__main__":
         _mount_child(*sys.argv[2:5])
     else:
         raise SystemExit(f"unknown child {sys.argv[1]}")
+
+
+# -- the split key of a file re-encrypted online (docs/FORMAT.md 7.8, issue 10) ---------------
+
+def test_split_cipher_matches_the_python_reference():
+    """native.split_cipher == crypto.xts.PySplitCipher over random boundaries, runs and tails, plaintext parts included."""
+    from vmfs_crypt.crypto.xts import PySplitCipher
+
+    r = random.Random(10)
+    for i in range(2_000):
+        deks = [r.randbytes(64), r.randbytes(64)]
+        parts = [None if r.random() < 0.3 else k for k in deks]
+        boundary = r.choice([0, r.randrange(0, 64), r.randrange(0, 64), 2**64 - 1])
+        nat = native.split_cipher(*(None if k is None else native.SectorCipher(k) for k in parts), boundary)
+        ref = PySplitCipher(*(None if k is None else PySectorCipher(k) for k in parts), boundary)
+        first, n = r.randrange(0, 64), r.choice([r.randrange(1, 40 * SECTOR), r.randrange(1, 8) * SECTOR])
+        data = r.randbytes(n)
+        ct = nat.encrypt(first, data)
+        assert ct == ref.encrypt(first, data), f"case {i}"
+        assert nat.decrypt(first, ct) == ref.decrypt(first, ct) == data, f"case {i}"
+        # each sector is exactly what its own part makes of it
+        if n % SECTOR == 0:
+            for k in range(n // SECTOR):
+                part = parts[0] if first + k < boundary else parts[1]
+                want = data[k * SECTOR:(k + 1) * SECTOR]
+                if part is not None:
+                    want = PySectorCipher(part).encrypt(first + k, want)
+                assert ct[k * SECTOR:(k + 1) * SECTOR] == want, f"case {i} sector {first + k}"
+    with pytest.raises(TypeError):
+        native.split_cipher(b"k" * 64, None, 0)
+    with pytest.raises(TypeError):
+        pickle.dumps(native.split_cipher(None, None, 0))
+
+
+def test_datapath_under_a_split_key_vs_python_reference(tmp_path):
+    """Reads and writes of a file mid-way through an online re-encryption (a split key, its boundary
+    moved under the write lock as ops/online.py does): the native path and sectorio with
+    PySplitCipher leave the same bytes at rest and read the same plaintext."""
+    from vmfs_crypt.crypto.xts import PySplitCipher
+    from vmfs_crypt.fs import sectorio
+
+    for seed in range(4):
+        r = random.Random(100 + seed)
+        deks = [r.randbytes(64), r.randbytes(64)]
+        # encrypt (plain -> key), decrypt (key -> plain), deep rekey (key -> key)
+        below, above = [(deks[0], None), (None, deks[1]), (deks[0], deks[1]), (deks[0], deks[1])][seed]
+        nat_parts = [None if k is None else native.SectorCipher(k) for k in (below, above)]
+        ref_parts = [None if k is None else PySectorCipher(k) for k in (below, above)]
+        state_cipher = native.split_cipher(*nat_parts, 0)
+        f = Registered(tmp_path / f"s{seed}", None, f"split/{seed}")
+        f.state.acquire_write()
+        f.state.set_cipher(state_cipher)  # a plain FileState may get a key (an online encrypt)
+        f.state.release_write()
+        ref_fd = os.open(tmp_path / f"r{seed}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        model = bytearray()
+        boundary = 0
+        try:
+            for i in range(3_000):
+                where = f"seed {seed} op {i}"
+                if r.random() < 0.02:  # the engine's step: rewrite a region, then move the boundary over it
+                    new = min(boundary + r.randint(1, 8), 200)
+                    lo, hi = boundary * SECTOR, min(new * SECTOR, len(model))
+                    old_plain = f.read(max(hi - lo, 0), lo) if hi > lo else b""
+                    f.state.acquire_write()
+                    f.state.set_cipher(native.split_cipher(*nat_parts, new))
+                    f.state.release_write()
+                    ref_old = PySplitCipher(*ref_parts, boundary)
+                    ref_plain = sectorio.read(ref_fd, ref_old, max(hi - lo, 0), lo, where) if hi > lo else b""
+                    assert old_plain == ref_plain == bytes(model[lo:hi]), where
+                    boundary = new
+                    if hi > lo:
+                        assert f.write(old_plain, lo) == hi - lo
+                        assert sectorio.write(ref_fd, PySplitCipher(*ref_parts, boundary), ref_plain, lo, where) == hi - lo
+                ref_cipher = PySplitCipher(*ref_parts, boundary)
+                off, n = _pick_off(r, len(model)), _pick_len(r)
+                if r.random() < 0.5:
+                    data = _pick_data(r, n)
+                    assert f.write(data, off) == n, where
+                    assert sectorio.write(ref_fd, ref_cipher, data, off, where) == n
+                    if off > len(model):
+                        model.extend(bytes(off - len(model)))
+                    model[off:off + n] = data
+                else:
+                    got = f.read(n, off)
+                    assert got == sectorio.read(ref_fd, ref_cipher, n, off, where) == bytes(model[off:off + n]), where
+                if i % 300 == 0:
+                    assert read_all(f.fd) == read_all(ref_fd), where
+            assert read_all(f.fd) == read_all(ref_fd)
+        finally:
+            f.close()
+            os.close(ref_fd)

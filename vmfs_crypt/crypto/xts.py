@@ -30,6 +30,49 @@ def new_dek() -> bytes:
             return dek
 
 
+class PySplitCipher:
+    """The key of a file mid-way through an in-place re-encryption (docs/FORMAT.md 7.8), in Python.
+
+    Sectors below `boundary_sector` are under `below`, the others under `above`; None stands
+    for plaintext (bytes unchanged). The reference of the compiled core's `split_cipher`
+    (native/xts_batch.c vc_xts_split_new), which tests compare it with.
+    """
+
+    def __init__(self, below, above, boundary_sector: int) -> None:
+        if not 0 <= boundary_sector <= MAX_SECTOR_NO:
+            raise ValueError(f"sector number {boundary_sector} is outside 0..2^64-1")
+        self.below, self.above, self.boundary_sector = below, above, boundary_sector
+
+    def _run(self, enc: bool, first_sector_no: int, data) -> bytes:
+        data = memoryview(data).cast("B")
+        units = -(-len(data) // 512)
+        n_below = min(max(self.boundary_sector - first_sector_no, 0), units)
+        lo_len = len(data) if n_below == units else n_below * 512
+        out = []
+        for cipher, first, part in ((self.below, first_sector_no, data[:lo_len]),
+                                    (self.above, first_sector_no + n_below, data[lo_len:])):
+            if len(part):
+                out.append(bytes(part) if cipher is None else
+                           (cipher.encrypt if enc else cipher.decrypt)(first, part))
+        return b"".join(out)
+
+    def encrypt(self, first_sector_no: int, plaintext) -> bytes:
+        return self._run(True, first_sector_no, plaintext)
+
+    def decrypt(self, first_sector_no: int, ciphertext) -> bytes:
+        return self._run(False, first_sector_no, ciphertext)
+
+    def __reduce__(self):
+        raise TypeError("a SectorCipher holds key material and cannot be pickled or copied")
+
+
+def split_cipher(below, above, boundary_sector: int):
+    """Sectors below `boundary_sector` under `below`, the rest under `above` (None: plaintext); FORMAT.md 7.8."""
+    if _native is not None and SectorCipher is _native.SectorCipher:
+        return _native.split_cipher(below, above, boundary_sector)
+    return PySplitCipher(below, above, boundary_sector)
+
+
 def __getattr__(name: str):
     """PySectorCipher and the reference's internals, loaded on first use."""
     if name.startswith("__"):  # the import system probes __path__ & co.: not a reason to load numpy

@@ -113,8 +113,8 @@ class VmfsCore:
             raise _enoent()
         return kind, folder, state
 
-    def _is_revoked(self, kek: KeyRef) -> bool:
-        return kek in self.revoked
+    def _is_revoked(self, kek: KeyRef | None) -> bool:
+        return kek is not None and kek in self.revoked
 
     def _chown_new(self, e: Entry, caller: Caller | None, mode: int | None = None, fd: int | None = None) -> None:
         """Give a new entry the caller's uid, and its gid unless the directory is setgid (POSIX); then exactly `mode`.
@@ -703,12 +703,27 @@ class VmfsCore:
         inode = (st.st_dev, st.st_ino)
         with self._meta_lock:
             shared = self.files.encrypted.get(inode)
+            if shared is not None and shared.cipher is None:
+                # open as a plain file, now of an encrypted kind (its folder changed meanwhile)
+                raise DataError(f"{e.rel}: open as a plain file while its folder became encrypted; close it first")
             if shared is None:
                 record, dek = new_key or self._key_record(folder, e.name, st.st_size, e.rel)
                 cipher = self.deks.acquire(record, e.rel, dek)
                 shared = self.files.encrypted[inode] = self._new_encrypted_file(inode, cipher, record, e.rel)
             shared.opens += 1
         return EncryptedHandle(e.rel, fd, shared, self._is_revoked)
+
+    def _open_plain(self, e: Entry, fd: int) -> PlainHandle:
+        """A plain data file's handle on the shared state of its inode (its lock; ops/online.py may give it a cipher)."""
+        st = os.fstat(fd)
+        inode = (st.st_dev, st.st_ino)
+        with self._meta_lock:
+            shared = self.files.encrypted.get(inode)
+            if shared is None:
+                shared = self.files.encrypted[inode] = EncryptedFile(inode, None, None,
+                                                                     self.datapath.file_lock(None, e.rel))
+            shared.opens += 1
+        return PlainHandle(e.rel, fd, shared)
 
     def _new_encrypted_file(self, inode, cipher, record: KeyRecord, rel: str) -> EncryptedFile:
         lock = self.datapath.file_lock(cipher, rel)
@@ -732,7 +747,7 @@ class VmfsCore:
             if not handle.pending:
                 self.datapath.attach(fh, handle.fd, handle.file.lock)
         elif isinstance(handle, PlainHandle):
-            self.datapath.attach(fh, handle.fd, self.datapath.file_lock(None, handle.rel))
+            self.datapath.attach(fh, handle.fd, handle.file.lock)
         return fh
 
     def _pend(self, shared: EncryptedFile) -> None:
@@ -772,7 +787,7 @@ class VmfsCore:
                     if kind is FileKind.ENCRYPTED:
                         fh = self.files.add(self._open_encrypted(e, fd, folder))
                     else:
-                        return self._attach_if_decided(self._add(PlainHandle(e.rel, fd)))
+                        return self._attach_if_decided(self._add(self._open_plain(e, fd)))
                 except BaseException:
                     os.close(fd)
                     raise
@@ -825,7 +840,7 @@ class VmfsCore:
             try:
                 self._chown_new(e, caller, mode, fd)
                 if kind is not FileKind.ENCRYPTED:
-                    return self._attach_if_decided(self._add(PlainHandle(e.rel, fd)))
+                    return self._attach_if_decided(self._add(self._open_plain(e, fd)))
                 return self._attach_if_decided(self._add(self._open_encrypted(e, fd, folder, new_key)))
             except BaseException:
                 os.close(fd)
@@ -842,18 +857,22 @@ class VmfsCore:
     def _close_handle(self, handle: Handle) -> None:
         with self._meta_lock:
             handle.close_fd()
-            if isinstance(handle, EncryptedHandle):
-                shared = handle.file
-                shared.opens -= 1
-                if shared.opens == 0:
-                    if self.files.encrypted.get(shared.inode) is shared:
-                        del self.files.encrypted[shared.inode]
-                    self.deks.release(shared.record)
+            if isinstance(handle, (EncryptedHandle, PlainHandle)):
+                self.drop_shared(handle.file)
             elif isinstance(handle, DescriptorHandle):
                 desc = handle.desc
                 desc.opens -= 1
                 if desc.opens == 0 and self.files.descriptors.get(desc.rel) is desc:
                     del self.files.descriptors[desc.rel]
+
+    def drop_shared(self, shared: EncryptedFile) -> None:
+        """One user less of a data file's shared state (a handle, or an online operation); the caller holds _meta_lock."""
+        shared.opens -= 1
+        if shared.opens == 0:
+            if self.files.encrypted.get(shared.inode) is shared:
+                del self.files.encrypted[shared.inode]
+            if shared.record is not None:
+                self.deks.release(shared.record)
 
     def flush(self, fh: int) -> None:
         self.files.get(fh).flush()
@@ -1009,6 +1028,9 @@ class VmfsCore:
             self.release(fh)
 
     def _truncate_handle(self, handle: Handle, length: int) -> None:
+        if getattr(getattr(handle, "file", None), "online", None) is not None:
+            raise OSError(errno.EBUSY, f"{handle.rel}: truncate refused while an online {handle.file.online} "
+                                       "rewrites it (issue 10)")
         if isinstance(handle, DescriptorHandle) and length == 0:
             self._empty_descriptor(handle.desc)
         elif isinstance(handle, EncryptedHandle):
@@ -1131,6 +1153,9 @@ class VmfsCore:
 
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         handle = self.files.get(fh)
+        if getattr(getattr(handle, "file", None), "online", None) is not None:
+            raise OSError(errno.EBUSY, f"{handle.rel}: fallocate refused while an online {handle.file.online} "
+                                       "rewrites it (issue 10)")
         if (isinstance(handle, EncryptedHandle) and not mode & sectorio.FALLOC_FL_KEEP_SIZE
                 and offset + length > os.fstat(handle.fd).st_size):
             with self._meta_lock, self.tree.entry(handle.rel) as e:

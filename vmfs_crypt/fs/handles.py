@@ -60,22 +60,55 @@ class Handle:
             self.fd = -1
 
 
+def _refuse_online(file: EncryptedFile, op: str) -> None:
+    if file.online is not None:
+        raise OSError(errno.EBUSY, f"{op} refused while an online {file.online} rewrites this file (issue 10)")
+
+
 class PlainHandle(Handle):
+    """A plain data file. Its shared `file` carries the lock; while an online encrypt or decrypt
+    rewrites it (ops/online.py) it carries a cipher too, and I/O goes through sectorio."""
+
     kind = FileKind.PLAIN
 
+    def __init__(self, rel: str, fd: int, file: EncryptedFile) -> None:
+        super().__init__(rel, fd)
+        self.file = file
+
     def read(self, size: int, offset: int) -> bytes:
-        return os.pread(self.fd, size, offset)
+        lock = self.file.lock
+        lock.acquire_read()
+        try:
+            cipher = self.file.cipher
+            if cipher is None:
+                return os.pread(self.fd, size, offset)
+            return sectorio.read(self.fd, cipher, size, offset, f"{self.rel}: {_where('read', offset)}")
+        finally:
+            lock.release_read()
 
     def write(self, data, offset: int) -> int:
-        stored, err = sectorio.pwrite_all(self.fd, data, offset)
-        if err is not None and stored == 0:
-            raise err
-        return stored
+        lock = self.file.lock
+        lock.acquire_read()
+        try:
+            if self.file.cipher is None:
+                stored, err = sectorio.pwrite_all(self.fd, data, offset)
+                if err is not None and stored == 0:
+                    raise err
+                return stored
+        finally:
+            lock.release_read()
+        lock.acquire_write()  # a cipher, once given, stays until the handle is replaced
+        try:
+            return sectorio.write(self.fd, self.file.cipher, data, offset, f"{self.rel}: {_where('write', offset)}")
+        finally:
+            lock.release_write()
 
     def truncate(self, length: int) -> None:
+        _refuse_online(self.file, "truncate")
         os.ftruncate(self.fd, length)
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
+        _refuse_online(self.file, "fallocate")
         libc_fallocate(self.fd, mode, offset, length)
 
 
@@ -89,7 +122,7 @@ class EncryptedHandle(Handle):
         self.pending = False  # a new empty .vmdk whose first write decides descriptor or encrypted
 
     def _check(self, op: str) -> None:
-        if self._is_revoked(self.file.kek):
+        if self.file.kek is not None and self._is_revoked(self.file.kek):
             raise KeyRevokedError(f"{self.file.kek} was revoked (on_revoke = \"lock\"): {op} refused")
 
     def read(self, size: int, offset: int) -> bytes:
@@ -112,6 +145,7 @@ class EncryptedHandle(Handle):
 
     def truncate(self, length: int) -> None:
         self._check("truncate")
+        _refuse_online(self.file, "truncate")
         self.file.lock.acquire_write()
         try:
             sectorio.truncate(self.fd, self.file.cipher, length, f"{self.rel}: truncate to {length}")
@@ -120,6 +154,7 @@ class EncryptedHandle(Handle):
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
         self._check("fallocate")
+        _refuse_online(self.file, "fallocate")
         self.file.lock.acquire_write()
         try:
             sectorio.fallocate_encrypted(self.fd, self.file.cipher, mode, offset, length,

@@ -10,10 +10,13 @@ class RWLock:
         self._cond = threading.Condition(threading.Lock())
         self._readers = 0
         self._writer = False
+        self._writers_waiting = 0
 
     def acquire_read(self) -> None:
+        # A waiting writer goes first, as in native/datapath.c: an online re-encryption takes
+        # each region exclusively and must not starve under a guest's reads (issue 10).
         with self._cond:
-            while self._writer:
+            while self._writer or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
 
@@ -25,8 +28,12 @@ class RWLock:
 
     def acquire_write(self) -> None:
         with self._cond:
-            while self._writer or self._readers:
-                self._cond.wait()
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
             self._writer = True
 
     def release_write(self) -> None:

@@ -17,19 +17,24 @@ from .locks import RWLock
 
 @dataclass
 class EncryptedFile:
-    """Shared state of one encrypted backing file while it is open."""
+    """Shared state of one backing data file while it is open: encrypted, or plain (`cipher` None).
+
+    A plain file has one too, for its lock: an online encrypt (issue 10, ops/online.py) gives
+    it a cipher under that lock, which no plain read or write then still runs around.
+    """
 
     inode: tuple[int, int]  # (st_dev, st_ino) of the backing file
-    cipher: SectorCipher
-    record: KeyRecord  # the key record its cipher came from (the DEK cache counts users by it)
+    cipher: object  # SectorCipher (or FORMAT.md 7.8's split key while re-encrypted online); None: plain
+    record: KeyRecord | None  # the key record its cipher came from (the DEK cache counts users by it)
     # Readers-writer lock: RWLock, or the compiled core's FileState (which also carries the
     # cipher, the revocation flag and the name for native log records): fs/datapath.py.
     lock: object = field(default_factory=RWLock)
     opens: int = 0
+    online: object = None  # the online operation rewriting this file (ops/online.py): size changes refused
 
     @property
-    def kek(self) -> KeyRef:
-        return self.record.keysafe.kek
+    def kek(self) -> KeyRef | None:
+        return self.record.keysafe.kek if self.record is not None else None
 
     def rekey(self, cipher: SectorCipher, record: KeyRecord) -> None:
         """Serve the file under a new DEK from now on: only for an empty file, with its lock held for writing.
