@@ -244,7 +244,7 @@ def test_agent_restart_and_hardening(venv_env):
     socks = [n for n in os.listdir(sock_dir) if n.endswith(".sock")]
     assert socks and all(os.stat(os.path.join(sock_dir, s)).st_mode & 0o777 == 0o600 for s in socks)
     with mounted(venv_env) as mnt:
-        mount_pid = int(subprocess.run(["pgrep", "-f", f"vmfs_crypt.fuse .*{mnt}"], capture_output=True,
+        mount_pid = int(subprocess.run(["pgrep", "-f", f"vmfs_crypt.cli.mountd .*{mnt}"], capture_output=True,
                                        text=True).stdout.split()[0])
         assert proc_limits_core(mount_pid) == "0"
         with open(f"/proc/{mount_pid}/cmdline", "rb") as f:

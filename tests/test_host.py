@@ -55,7 +55,7 @@ def _mount_processes(mountpoint: str) -> list[int]:
                     argv = f.read().split(b"\0")
             except OSError:
                 continue
-            if b"vmfs_crypt.fuse" in argv and os.fsencode(mountpoint) in argv:
+            if b"vmfs_crypt.cli.mountd" in argv and os.fsencode(mountpoint) in argv:
                 out.append(int(name))
     return out
 
@@ -146,7 +146,7 @@ NAMESPACE_SCRIPT = textwrap.dedent("""\
                 argv = open(f"/proc/{n}/cmdline", "rb").read().split(b"\\0")
             except OSError:
                 continue
-            if b"vmfs_crypt.fuse" in argv and os.fsencode(mnt) in argv:
+            if b"vmfs_crypt.cli.mountd" in argv and os.fsencode(mnt) in argv:
                 out.append(int(n))
         return out
     def wait_gone():

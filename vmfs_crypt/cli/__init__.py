@@ -9,7 +9,7 @@ from .. import __version__
 from ..crypto.native import native, reason
 from ..errors import ExitCode, VmfsCryptError
 from ..sysutil import disable_core_dumps
-from . import agent, audit, disk, mount, policy, provider
+from . import agent, audit, disk, mount, online, policy, provider
 from .common import Ctx, Group
 
 DATA_PATH = f"native, {reason}" if native is not None else f"python, {reason}"
@@ -37,7 +37,7 @@ def cli(ctx, config_path, quiet, verbose):
     ctx.obj = Ctx(config_path, quiet=quiet, verbose=verbose)
 
 
-for command in disk.COMMANDS + mount.COMMANDS + agent.COMMANDS + audit.COMMANDS + policy.COMMANDS:
+for command in disk.COMMANDS + mount.COMMANDS + agent.COMMANDS + audit.COMMANDS + policy.COMMANDS + online.COMMANDS:
     cli.add_command(command)
 cli.add_command(provider.provider)
 

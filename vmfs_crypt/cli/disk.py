@@ -10,6 +10,22 @@ from ..errors import ERROR_CLASSES, UsageError
 from ..fs.mounts import backing_path
 from ..ops import inspect, lifecycle
 from .common import emit_json, note, pass_ctx, progress, verbose, warn_backup
+from .online import online_target, parse_rate, run_online
+
+BACKGROUND = click.option("--background", is_flag=True,
+                          help="With the datastore mounted: start the operation in the mount and return at once.")
+RATE = click.option("--rate", help="With the datastore mounted: at most this many bytes per second, e.g. 200M.")
+
+
+def _online(c, path: str, purpose: str, op: str, provider, background: bool, rate) -> dict | None:
+    """Hand the operation to the mount of PATH's datastore (issue 10); None when it is not mounted by us."""
+    target = online_target(path)
+    if target is None:
+        if background or rate:
+            raise UsageError(f"{path}: --background and --rate need the datastore mounted (the mount runs it online)")
+        return None
+    with agent_session(c.config, purpose, target=os.path.abspath(path)):  # the privilege check and its audit record
+        return run_online(target, op, provider, background, parse_rate(rate))
 
 
 def parse_size(text: str) -> int:
@@ -43,8 +59,10 @@ def create(c, disk, size, provider):
 @click.command()
 @click.argument("path", type=click.Path())
 @click.option("--provider", help="Key provider for a folder that is not yet encrypted.")
+@BACKGROUND
+@RATE
 @pass_ctx
-def encrypt(c, path, provider):
+def encrypt(c, path, provider, background, rate):
     """Encrypt a disk's VM folder or a folder (the whole folder: see README); a new PATH becomes an empty encrypted folder.
 
     An empty folder, or a PATH that does not exist yet (its parent must), becomes an encrypted
@@ -56,6 +74,11 @@ def encrypt(c, path, provider):
             raise UsageError(f"{path}: no such disk or folder (a new folder needs an existing parent folder)")
         os.mkdir(backing_path(os.path.abspath(path)), 0o755)
         note(f"made the folder {os.path.abspath(path)}")
+    elif (st := _online(c, path, "encrypt", "encrypt", provider, background, rate)) is not None:
+        if not background:
+            note(f"{st['folder']}: encrypted online ({st['done_bytes']} bytes rewritten in place)")
+            warn_backup(c.config)
+        return
     with agent_session(c.config, "encrypt", target=os.path.abspath(path)) as agent:
         result = lifecycle.encrypt_folder(path, agent, provider, progress)
     done = result.files
@@ -66,9 +89,15 @@ def encrypt(c, path, provider):
 
 @click.command()
 @click.argument("path", type=click.Path(exists=True))
+@BACKGROUND
+@RATE
 @pass_ctx
-def decrypt(c, path):
-    """Decrypt an encrypted disk's VM folder back to plaintext."""
+def decrypt(c, path, background, rate):
+    """Decrypt an encrypted disk's VM folder back to plaintext (online, by the mount, when it is mounted)."""
+    if (st := _online(c, path, "decrypt", "decrypt", None, background, rate)) is not None:
+        if not background:
+            note(f"{st['folder']}: decrypted online ({st['done_bytes']} bytes rewritten in place)")
+        return
     with agent_session(c.config, "decrypt", target=os.path.abspath(path)) as agent:
         result = lifecycle.decrypt_folder(path, agent, progress)
     note(f"{result.folder}: decrypted {len(result.files)} file(s)")
@@ -78,9 +107,17 @@ def decrypt(c, path):
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--deep", is_flag=True, help="New DEKs and re-encrypted data (default: only a new KEK).")
 @click.option("--provider", help="Move the folder to this provider's new KEK (default: the same provider).")
+@BACKGROUND
+@RATE
 @pass_ctx
-def rekey(c, path, deep, provider):
-    """Rekey a VM folder: shallow (new KEK, instant) or --deep (new DEKs, data rewritten)."""
+def rekey(c, path, deep, provider, background, rate):
+    """Rekey a VM folder: shallow (new KEK, instant) or --deep (new DEKs, data rewritten; online when mounted)."""
+    if deep and (st := _online(c, path, "rekey", "rekey", provider, background, rate)) is not None:
+        if not background:
+            note(f"{st['folder']}: deep rekey done online ({st['done_bytes']} bytes rewritten in place)")
+        return
+    if not deep and (background or rate):
+        raise UsageError("--background and --rate are for 'rekey --deep' (a shallow rekey only rewraps keys)")
     with agent_session(c.config, "rekey", target=os.path.abspath(path)) as agent:
         result = lifecycle.rekey_folder(path, agent, provider, deep, progress)
     old, new = result.old_kek, result.new_kek

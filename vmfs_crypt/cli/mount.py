@@ -55,9 +55,11 @@ def mount(c, datastore, mountpoint, name, foreground, options, allow_other, agen
     _resume_interrupted(c, datastore)
     if foreground:
         from ..fuse.serve import run_mount  # only this path loads FUSE
+        from .mountd import online_services
         setup_logging("mount")
         ready = NotifyReady(f"serving {os.path.realpath(datastore)} at {os.path.realpath(mountpoint)}")
-        run_mount(c.config, datastore, mountpoint, agent_socket, options or None, allow_other, ready)
+        run_mount(c.config, datastore, mountpoint, agent_socket, options or None, allow_other, ready,
+                  services=online_services)
         return
     log_path = mounting.mount_background(c.config, datastore, mountpoint, agent_socket, options, allow_other)
     note(f"mounted {datastore} at {mountpoint} (log: {log_path})")

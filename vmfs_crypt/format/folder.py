@@ -116,6 +116,9 @@ class VmFolder:
         # `shown`: the path for messages when backing_dir is a /proc/self/fd path (the mount's)
         self.shown_dir = shown or backing_dir
         self.shown_keys = os.path.join(self.shown_dir, FOLDER_KEYS_NAME)
+        # True where the caller itself carries out the folder's operation in flight (the mount,
+        # online: issue 10); everyone else refuses such a key file (FORMAT.md 7.8).
+        self.allow_reencrypt = False
 
     def state(self) -> FolderState:
         if os.path.lexists(os.path.join(self.backing_dir, JOURNAL_NAME)):
@@ -150,7 +153,7 @@ class VmFolder:
                 "the folder's keys are lost; restore the key file from a backup copy (and the provider "
                 "with 'vmfs-crypt provider restore' if needed)")
 
-    def load_keys(self, allow_reencrypt: bool = False) -> FolderKeys:
+    def load_keys(self, allow_reencrypt: bool | None = None) -> FolderKeys:
         try:
             raw = read_regular(self.keys_path, FOLDER_KEYS_MAX_SIZE)
         except FileNotFoundError:
@@ -158,7 +161,8 @@ class VmFolder:
         except NotRegularFile:
             raise FormatError(f"{self.shown_keys}: not a regular file; restore the folder key file "
                               "from a backup") from None
-        return FolderKeys.from_bytes(raw, self.shown_keys, allow_reencrypt)
+        return FolderKeys.from_bytes(raw, self.shown_keys,
+                                     self.allow_reencrypt if allow_reencrypt is None else allow_reencrypt)
 
     def save_keys(self, keys: FolderKeys) -> None:
         write_atomic(self.keys_path, keys.to_bytes(), 0o600)

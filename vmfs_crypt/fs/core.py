@@ -43,6 +43,7 @@ from .keycache import DekCache
 from .namespace import check_move, is_fuse_hidden, plain_symlink_allowed, symlink_allowed, symlink_error
 from ..sysutil import RENAME_NOREPLACE, renameat2
 from .datapath import choose as choose_datapath
+from .online import OnlineFolder
 from .openfiles import DescriptorFile, EncryptedFile, OpenFileTable
 from .tree import Entry, Tree
 from .policy import new_folder_kek
@@ -93,14 +94,36 @@ class VmfsCore:
         self._as_root = os.geteuid() == 0
         self.datapath = choose_datapath()
         log.info("data path: %s", self.datapath.description)
+        # Folders (by backing inode) that an online operation rewrites (ops/online.py, issue 10).
+        self.online: dict[tuple[int, int], OnlineFolder] = {}
 
     def close(self) -> None:
         self.tree.close()
 
     # -- helpers -------------------------------------------------------------------------
-    @staticmethod
-    def folder_of(e: Entry) -> VmFolder:
-        return VmFolder(e.parent_real, e.shown_parent)
+    def folder_of(self, e: Entry) -> VmFolder:
+        folder = VmFolder(e.parent_real, e.shown_parent)
+        if self.online:
+            st = os.fstat(e.dirfd)
+            mark = self.online.get((st.st_dev, st.st_ino))
+            if mark is not None:
+                # Its key file records the operation in flight (FORMAT.md 7.8), which this mount
+                # carries out itself; wait while the operation commits (a journal is present then).
+                folder.allow_reencrypt = True
+                with mark.gate:
+                    pass
+        return folder
+
+    def _refuse_online(self, *entries: Entry) -> None:
+        """Names do not change in a folder under an online operation: its file list is fixed (EBUSY)."""
+        if not self.online:
+            return
+        for e in entries:
+            st = os.fstat(e.dirfd)
+            mark = self.online.get((st.st_dev, st.st_ino))
+            if mark is not None:
+                log.warning("%s: refused while an online %s runs in its folder (issue 10)", e.rel, mark.op)
+                raise OSError(errno.EBUSY, f"an online {mark.op} runs in this folder")
 
     def _lstat(self, e: Entry) -> os.stat_result:
         return os.lstat(e.at, dir_fd=e.dirfd)
@@ -456,6 +479,7 @@ class VmfsCore:
 
     def symlink(self, target: str, path: str, caller: Caller | None = None) -> None:
         with self.tree.entry(path) as e:
+            self._refuse_online(e)
             if is_hidden_name(e.name):
                 raise OSError(errno.EACCES, "reserved name")
             if not self._symlink_ok(e, target):
@@ -466,6 +490,7 @@ class VmfsCore:
     def mknod(self, path: str, mode: int, dev: int, caller: Caller | None = None) -> None:
         """FIFOs, sockets and device nodes hold no data: nothing to encrypt (README, "What is encrypted")."""
         with self.tree.entry(path) as e:
+            self._refuse_online(e)
             if is_hidden_name(e.name):
                 raise OSError(errno.EACCES, "reserved name")
             if stat.S_ISREG(mode):
@@ -477,6 +502,7 @@ class VmfsCore:
 
     def unlink(self, path: str) -> None:
         with self.tree.entry(path) as e:
+            self._refuse_online(e)
             kind, folder, state = self._kind(e)
             with self._meta_lock:
                 keys = None
@@ -500,6 +526,7 @@ class VmfsCore:
         if flags & ~RENAME_NOREPLACE:
             raise OSError(errno.EINVAL, "RENAME_EXCHANGE and RENAME_WHITEOUT are not supported")
         with self.tree.entries(old, new) as (eo, en):
+            self._refuse_online(eo, en)
             if is_hidden_name(en.name):
                 raise OSError(errno.EACCES, "reserved name")
             if eo.rel == en.rel:
@@ -653,6 +680,7 @@ class VmfsCore:
     def link(self, source: str, target: str) -> None:
         """A hard link follows the rename rule: it must not give the file's bytes another kind (issue 7, case 4)."""
         with self.tree.entries(source, target) as (es, et):
+            self._refuse_online(es, et)
             if is_hidden_name(et.name):
                 raise OSError(errno.EACCES, "reserved name")
             with self._meta_lock:
@@ -806,6 +834,7 @@ class VmfsCore:
         meanwhile must not get a new key under an open file's old cipher (issue 7, case 12).
         """
         with self.tree.entry(path) as e:
+            self._refuse_online(e)
             folder = self.folder_of(e)
             state = folder.state()
             kind = classify_name(state, e.name)

@@ -31,10 +31,11 @@ class EncryptedFile:
     lock: object = field(default_factory=RWLock)
     opens: int = 0
     online: object = None  # the online operation rewriting this file (ops/online.py): size changes refused
+    kek_hint: KeyRef | None = None  # the KEK after an online operation, which leaves `record` None
 
     @property
     def kek(self) -> KeyRef | None:
-        return self.record.keysafe.kek if self.record is not None else None
+        return self.record.keysafe.kek if self.record is not None else self.kek_hint
 
     def rekey(self, cipher: SectorCipher, record: KeyRecord) -> None:
         """Serve the file under a new DEK from now on: only for an empty file, with its lock held for writing.

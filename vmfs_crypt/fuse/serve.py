@@ -164,8 +164,12 @@ def serve_fuse(core: VmfsCore, mountpoint: str, fuse_options: dict, on_ready) ->
 
 
 def run_mount(config: Config, datastore: str, mountpoint: str, agent_socket: str | None, options_text: str | None,
-              allow_other: bool, ready: ReadyPipe) -> None:
-    """Serve the mount in this process (the detached child of `vmfs-crypt mount`, or --foreground)."""
+              allow_other: bool, ready: ReadyPipe, services=None) -> None:
+    """Serve the mount in this process (the detached child of `vmfs-crypt mount`, or --foreground).
+
+    `services(core, datastore, agent_socket)` starts what runs beside FUSE (the control socket of
+    online operations, ops/online.py, which this layer does not import) and returns its stop.
+    """
     # The mount table holds absolute paths: a relative MOUNTPOINT was never found there (issue 9).
     datastore, mountpoint = os.path.abspath(datastore), os.path.abspath(mountpoint)
     lock = DatastoreLock(os.path.realpath(datastore) if os.path.isdir(datastore) else datastore)
@@ -193,7 +197,10 @@ def run_mount(config: Config, datastore: str, mountpoint: str, agent_socket: str
         ready.error(exc, MountError)
         raise
     threading.Thread(target=watch_revocations, args=(core, agent, stop), daemon=True, name="revocations").start()
+    stop_services = None
     try:
+        if services is not None:
+            stop_services = services(core, datastore, agent.socket_path)
         serve_fuse(core, mountpoint, options, ready.ok)
     except MountError as exc:
         ready.error(exc)
@@ -206,6 +213,8 @@ def run_mount(config: Config, datastore: str, mountpoint: str, agent_socket: str
         ready.stopping()
         stop.set()
         ready.error(MountError("the FUSE loop ended before the mount came up"))
+        if stop_services is not None:
+            stop_services()  # an online operation stops after its region in flight; the next mount resumes it
         stats = core.datapath_stats()
         if stats:
             log.info("data path %s served %s", core.datapath.name, ", ".join(f"{k} {v}" for k, v in stats.items()))

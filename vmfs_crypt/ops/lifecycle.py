@@ -71,7 +71,8 @@ def _folder_keys(folder: VmFolder, keys: KeyAccess, provider: str | None) -> Fol
     return FolderKeys(keys.new_kek(provider, os.path.basename(folder.backing_dir)))
 
 
-def _missing(folder: VmFolder, infos: list[FileInfo]) -> None:
+def check_keys(folder: VmFolder, infos: list[FileInfo]) -> None:
+    """Refuse (DataError) when an encrypted file of the folder has no key anywhere."""
     missing = [f.name for f in infos if f.missing_key]
     if missing:
         raise DataError(f"{folder.backing_dir}: no key for {', '.join(missing)}; nothing was changed")
@@ -128,11 +129,7 @@ def encrypt_folder(path: str, keys: KeyAccess, provider: str | None, progress: P
             return FolderResult(folder.backing_dir, [f.name for f in resumed.files], note="resumed", new_kek=resumed.kek)
         # An encrypted folder's own KEK (and a --provider that contradicts it) before any work.
         folder_keys = _folder_keys(folder, keys, provider) if folder.encrypted else None
-        infos = folder_files(folder)
-        if folder.encrypted:
-            todo = [f for f in infos if f.missing_key]
-        else:
-            todo = [f for f in infos if f.kind is FileKind.PLAIN and _would_be_encrypted(f.name)]
+        todo = encrypt_todo(folder, folder_files(folder))
         if not todo:
             if folder.encrypted:
                 return FolderResult(folder.backing_dir, note="already encrypted")
@@ -142,22 +139,73 @@ def encrypt_folder(path: str, keys: KeyAccess, provider: str | None, progress: P
             return FolderResult(folder.backing_dir, new_kek=folder_keys.kek)
         tx.check_in_use(Access.DATA)
         folder_keys = folder_keys or _folder_keys(folder, keys, provider)
-        owners = folder.extent_owners()
-        entries: list[ReencryptFile] = []
-        used: set[str] = set()
-        fresh: dict[str, bytes] = {}
-        for f in todo:
-            record, fresh[f.name] = keys.new_file_key(folder_keys.kek, tx.path(f.name))
-            owner = owners.get(f.name)
-            desc = read_descriptor(tx.path(owner)) if owner else None
-            in_desc = desc is not None and len(desc.extents) == 1 and owner not in used
-            if in_desc:
-                used.add(owner)  # a single-extent disk keeps its key in its descriptor
-            entries.append(ReencryptFile(f.name, f.size, 0, None, record, owner if in_desc else None))
+        entries, fresh = encrypt_entries(tx, keys, folder_keys, todo, by_descriptor=True)
         current = reencrypt.start(tx, "encrypt", folder_keys.kek, folder_keys, entries, [])
         reencrypt.run(tx, keys, current, progress, fresh)
         del fresh
     return FolderResult(folder.backing_dir, [f.name for f in todo], new_kek=folder_keys.kek)
+
+
+def encrypt_todo(folder: VmFolder, infos: list[FileInfo]) -> list[FileInfo]:
+    """The files an encrypt of the folder rewrites."""
+    if folder.encrypted:
+        return [f for f in infos if f.missing_key]
+    return [f for f in infos if f.kind is FileKind.PLAIN and _would_be_encrypted(f.name)]
+
+
+def encrypt_entries(tx: FolderTransaction, keys: KeyAccess, folder_keys: FolderKeys, todo: list[FileInfo],
+                    by_descriptor: bool) -> tuple[list[ReencryptFile], dict[str, bytes]]:
+    """The file states of an encrypt (new DEKs) and those DEKs by name.
+
+    `by_descriptor`: a single-extent disk gets its key in its descriptor at the commit (the
+    online path keeps every key in the folder key file: open descriptor views are not rewritten).
+    """
+    owners = tx.folder.extent_owners() if by_descriptor else {}
+    entries: list[ReencryptFile] = []
+    used: set[str] = set()
+    fresh: dict[str, bytes] = {}
+    for f in todo:
+        record, fresh[f.name] = keys.new_file_key(folder_keys.kek, tx.path(f.name))
+        owner = owners.get(f.name)
+        desc = read_descriptor(tx.path(owner)) if owner else None
+        in_desc = desc is not None and len(desc.extents) == 1 and owner not in used
+        if in_desc:
+            used.add(owner)  # a single-extent disk keeps its key in its descriptor
+        entries.append(ReencryptFile(f.name, f.size, 0, None, record, owner if in_desc else None))
+    return entries, fresh
+
+
+def decrypt_entries(folder: VmFolder, infos: list[FileInfo]) -> tuple[list[ReencryptFile], list[str]]:
+    """The file states of a decrypt, and the descriptors whose key lines leave at its start."""
+    entries: list[ReencryptFile] = []
+    for f in infos:
+        if f.kind is not FileKind.ENCRYPTED:
+            continue
+        record = folder.key_record_for(f.name)
+        if record is not None:  # an empty file without a key (check_keys allows it) has nothing to decrypt
+            entries.append(ReencryptFile(f.name, f.size, 0, record, None, None))
+    strip = [os.path.basename(d.path) for d in folder.descriptors() if d.has_encryption_lines]
+    return entries, strip
+
+
+def deep_rekey_entries(tx: FolderTransaction, keys: KeyAccess, old_keys: FolderKeys, new_kek: KeyRef,
+                       infos: list[FileInfo], by_descriptor: bool
+                       ) -> tuple[list[ReencryptFile], list[str], dict[str, bytes]]:
+    """The file states of a deep rekey (new DEKs under `new_kek`), the descriptors stripped at its start, the DEKs."""
+    entries: list[ReencryptFile] = []
+    strip: list[str] = []
+    fresh: dict[str, bytes] = {}
+    for f in infos:
+        if f.kind is not FileKind.ENCRYPTED:
+            continue
+        found = tx.folder.descriptor_record_for(f.name)
+        record = found[1] if found else old_keys.files[f.name]
+        new_record, fresh[f.name] = keys.new_file_key(new_kek, tx.path(f.name))
+        entries.append(ReencryptFile(f.name, f.size, 0, record, new_record,
+                                     found[0] if found and by_descriptor else None))
+        if found:
+            strip.append(found[0])
+    return entries, strip, fresh
 
 
 def _cipher(folder: VmFolder, keys: KeyAccess, name: str) -> SectorCipher:
@@ -178,17 +226,11 @@ def decrypt_folder(path: str, keys: KeyAccess, progress: ProgressFactory) -> Fol
         if not folder.encrypted:
             raise UsageError(f"{folder.backing_dir} is not encrypted")
         infos = folder_files(folder)
-        _missing(folder, infos)
+        check_keys(folder, infos)
         tx.check_in_use(Access.DATA)
         todo = [f for f in infos if f.kind is FileKind.ENCRYPTED]
-        base = folder.load_keys()
-        entries: list[ReencryptFile] = []
-        for f in todo:
-            record = folder.key_record_for(f.name)
-            if record is not None:  # an empty file without a key (_missing allows it) has nothing to decrypt
-                entries.append(ReencryptFile(f.name, f.size, 0, record, None, None))
-        strip = [os.path.basename(d.path) for d in folder.descriptors() if d.has_encryption_lines]
-        current = reencrypt.start(tx, "decrypt", None, base, entries, strip)
+        entries, strip = decrypt_entries(folder, infos)
+        current = reencrypt.start(tx, "decrypt", None, folder.load_keys(), entries, strip)
         reencrypt.run(tx, keys, current, progress)
     return FolderResult(folder.backing_dir, [f.name for f in todo])
 
@@ -206,21 +248,12 @@ def rekey_folder(path: str, keys: KeyAccess, provider: str | None, deep: bool, p
             raise UsageError(f"{folder.backing_dir} is not encrypted; use 'vmfs-crypt encrypt'")
         old_keys = folder.load_keys()
         infos = folder_files(folder)
-        _missing(folder, infos)
+        check_keys(folder, infos)
         tx.check_in_use(Access.DATA if deep else Access.KEYS)
         new_kek = keys.new_kek(provider or old_keys.kek.provider_id, os.path.basename(folder.backing_dir))
         todo = [f for f in infos if f.kind is FileKind.ENCRYPTED]
         if deep:
-            entries: list[ReencryptFile] = []
-            strip: list[str] = []
-            fresh: dict[str, bytes] = {}
-            for f in todo:
-                found = folder.descriptor_record_for(f.name)
-                record = found[1] if found else old_keys.files[f.name]
-                new_record, fresh[f.name] = keys.new_file_key(new_kek, tx.path(f.name))
-                entries.append(ReencryptFile(f.name, f.size, 0, record, new_record, found[0] if found else None))
-                if found:
-                    strip.append(found[0])
+            entries, strip, fresh = deep_rekey_entries(tx, keys, old_keys, new_kek, infos, by_descriptor=True)
             current = reencrypt.start(tx, "rekey", new_kek, old_keys, entries, strip)
             reencrypt.run(tx, keys, current, progress, fresh)
             del fresh

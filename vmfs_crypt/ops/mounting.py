@@ -61,7 +61,7 @@ def mount_background(config: Config, datastore: str, mountpoint: str, agent_sock
     """Start the mount process detached and return once the mount is up (or fail with its message)."""
     check_mount_args(datastore, mountpoint)
     log_path = log_file(mountpoint)
-    cmd = [sys.executable, "-m", "vmfs_crypt.fuse", "--config", config.path, datastore, mountpoint]
+    cmd = [sys.executable, "-m", "vmfs_crypt.cli.mountd", "--config", config.path, datastore, mountpoint]
     if agent_socket:
         cmd += ["--agent", agent_socket]
     if options_text:

@@ -236,9 +236,13 @@ def run(tx: FolderTransaction, keys: KeyAccess, current: FolderKeys | None, prog
             to = SectorCipher(fresh.pop(f.name)) if fresh and f.name in fresh else _cipher(keys, f.to, what)
             fd = _open_rw(what)
             try:
-                if os.fstat(fd).st_size != f.size:
-                    raise DataError(f"{what}: is {os.fstat(fd).st_size} bytes, but its in-place {state.op} began at "
+                at_rest = os.fstat(fd).st_size
+                if at_rest < f.size:
+                    raise DataError(f"{what}: is {at_rest} bytes, but its in-place {state.op} began at "
                                     f"{f.size}; it was changed meanwhile: restore it from a backup")
+                # Grown by a guest while a mount carried the operation online: the bytes past the
+                # recorded size are under the old key too (FORMAT.md 7.8).
+                f.size = at_rest
                 saved = read_region(d, f, state.region_size)
                 if saved is not None:
                     # Interrupted inside this region: put its old bytes back, then redo it whole.
@@ -271,10 +275,11 @@ def run(tx: FolderTransaction, keys: KeyAccess, current: FolderKeys | None, prog
     _commit(tx, current)
 
 
-def _commit(tx: FolderTransaction, current: FolderKeys) -> None:
+def _commit(tx: FolderTransaction, current: FolderKeys, check: bool = True) -> None:
     """Switch the key metadata to the new keys in one journal commit (decrypt: the folder becomes plain)."""
     state = current.reencrypt
-    tx.check_in_use(Access.DATA)  # our own writes changed the files: look again from here
+    if check:
+        tx.check_in_use(Access.DATA)  # our own writes changed the files: look again from here
     if state.op == "decrypt":
         tx.commit(None)
         return
@@ -285,3 +290,29 @@ def _commit(tx: FolderTransaction, current: FolderKeys) -> None:
         else:
             files[f.name] = f.to
     tx.commit(FolderKeys(state.kek, files))
+
+
+# -- for the online path (ops/online.py), which runs the same steps inside the mount --------------
+
+open_rw = _open_rw
+read_exact = _read_exact
+write_in_place = _write_in_place
+stop_here = _stop_here
+
+
+def count_region() -> bool:
+    """One more region begins; True when the test-only stop point inside a region is this one."""
+    global _regions_started
+    _regions_started += 1
+    return _regions_started == _STOP_IN
+
+
+def after_region() -> None:
+    """A region's boundary is committed: stop here if the test-only stop point says so."""
+    if _regions_started == _STOP_AFTER:
+        _stop_here()
+
+
+def commit_online(tx: FolderTransaction, current: FolderKeys) -> None:
+    """The commit of an operation the mount carried out: its own handles are the users, nothing to check."""
+    _commit(tx, current, check=False)

@@ -1,4 +1,4 @@
-"""Internal entry point of the mount process (started by `vmfs-crypt mount`; not a user command)."""
+"""Internal entry point of the mount process (started by `vmfs-crypt mount`; not a user command): the FUSE mount and its control socket."""
 
 import argparse
 import logging
@@ -8,11 +8,17 @@ from ..config import load_config
 from ..daemon import setup_logging
 from ..errors import VmfsCryptError
 from ..procs import ReadyPipe
-from .serve import run_mount
+from ..fuse.serve import run_mount
+from ..ops.online import ControlServer
+
+
+def online_services(core, datastore: str, agent_socket: str):
+    """What the mount runs besides FUSE: the control socket of online operations (issue 10); returns its stop."""
+    return ControlServer(core, datastore, agent_socket).start().stop
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vmfs_crypt.fuse")
+    parser = argparse.ArgumentParser(prog="python -m vmfs_crypt.cli.mountd")
     parser.add_argument("--config", required=True)
     parser.add_argument("--agent")
     parser.add_argument("-o", dest="options")
@@ -25,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("mount", args.log_file)  # issue 9: 0600, rotated; the journal under systemd
     try:
         run_mount(load_config(args.config), args.datastore, args.mountpoint, args.agent, args.options,
-                  args.allow_other, ReadyPipe(args.ready_fd))
+                  args.allow_other, ReadyPipe(args.ready_fd), services=online_services)
     except VmfsCryptError as exc:
         logging.getLogger("vmfs_crypt.mount").error("%s", exc)
         return exc.exit_code

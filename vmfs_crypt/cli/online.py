@@ -1,0 +1,171 @@
+"""Online operations from the command line: hand encrypt/decrypt/rekey --deep to the running mount, wait with progress; pause, resume, status."""
+
+import os
+import time
+
+import click
+
+from ..errors import DataError, InUseError, UsageError
+from ..ops import lifecycle, online
+from .common import emit_json, note, pass_ctx, progress
+
+POLL_S = 0.25  # how often a waiting command asks the mount how far it is (display only)
+LABEL = {"encrypt": "encrypting", "decrypt": "decrypting", "rekey": "deep rekey"}
+
+
+def parse_rate(text: str | None) -> int | None:
+    """`--rate 200M`: bytes per second (K, M, G; a plain number is bytes)."""
+    if text is None:
+        return None
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("/S").removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        rate = int(float(num) * units[unit])
+    except ValueError:
+        rate = 0
+    if rate <= 0:
+        raise UsageError(f"--rate {text!r} is not a rate such as 200M (bytes per second)")
+    return rate
+
+
+def online_target(path: str) -> tuple[str, str] | None:
+    """(datastore, folder at rest) when PATH's folder lies in a datastore that a vmfs-crypt mount serves, else None."""
+    folder = lifecycle.target_folder(path).backing_dir
+    datastore = online.mounted_datastore(folder)
+    if datastore is None:
+        return None
+    return datastore, os.path.realpath(folder)
+
+
+def run_online(target: tuple[str, str], op: str, provider: str | None, background: bool,
+               rate: int | None) -> dict | None:
+    """Have the mount carry out `op` on the folder; its final status (None: no mount of ours answers, go offline)."""
+    datastore, folder = target
+    resp = online.request(datastore, {"cmd": "start", "op": op, "folder": folder, "provider": provider, "rate": rate})
+    if resp is None:
+        return None
+    if not resp.get("ok"):
+        raise InUseError(f"{folder}: the mount refused the online {op}: {resp.get('error')}")
+    if background:
+        note(f"{folder}: online {op} started in the mount of {datastore}; 'vmfs-crypt status' shows it")
+        return resp["op"]
+    return wait(datastore, folder, op)
+
+
+def _find(datastore: str, folder: str) -> dict | None:
+    resp = online.request(datastore, {"cmd": "status"})
+    if resp is None:
+        raise InUseError(f"the mount of {datastore} went away during the online operation on {folder}; "
+                         "the next mount resumes it")
+    return next((o for o in resp.get("ops", []) if o["folder"] == folder), None)
+
+
+def wait(datastore: str, folder: str, op: str) -> dict:
+    """Show the operation's progress until it ends; raise if it failed or stopped."""
+    st = _find(datastore, folder)
+    shown = 0
+    bar = None
+    try:
+        while st is not None and st["state"] in ("starting", "running"):
+            if bar is None and st["total_bytes"]:
+                bar = progress(st["total_bytes"], LABEL[op] + " (online)")
+                bar.__enter__()
+            if bar is not None and st["done_bytes"] > shown:
+                bar.update(st["done_bytes"] - shown)
+                shown = st["done_bytes"]
+            time.sleep(POLL_S)
+            st = _find(datastore, folder)
+        if bar is not None and st is not None and st["state"] == "done":
+            bar.update(max(st["done_bytes"] - shown, 0))
+            bar.__exit__(None, None, None)
+            bar = None
+    except KeyboardInterrupt:
+        note(f"{folder}: the online {op} goes on in the mount; 'vmfs-crypt status' shows it", err=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.__exit__(RuntimeError, None, None)
+    if st is None:
+        raise InUseError(f"{folder}: the mount lost track of the online {op}")
+    if st["state"] == "failed":
+        raise DataError(f"{folder}: the online {op} stopped: {st['error']}")
+    if st["state"] == "stopped":
+        raise InUseError(f"{folder}: the online {op} stopped with the mount; the next mount resumes it")
+    return st
+
+
+def all_operations() -> list[dict]:
+    """The online operations of every vmfs-crypt mount of ours that answers."""
+    out = []
+    for m in online.vmfs_mounts():
+        try:
+            resp = online.request(m.datastore, {"cmd": "status"}, timeout_s=5.0)
+        except (OSError, ValueError, InUseError):
+            continue
+        if resp and resp.get("ok"):
+            out.extend(resp["ops"])
+    return out
+
+
+def echo_operations(ops: list[dict]) -> None:
+    for o in ops:
+        what = f"  online {'deep rekey' if o['op'] == 'rekey' else o['op']} of {o['folder']}: {o['state']}"
+        if o["state"] in ("running", "starting"):
+            what += (f", {o['percent']:.1f} % of {o['total_bytes'] / 1e6:.1f} MB, file {o['file']}, "
+                     f"{o['bytes_per_s'] / 1e6:.1f} MB/s, ETA {o['eta_s']:.0f} s")
+            if o.get("rate"):
+                what += f", limited to {o['rate'] / 1e6:.1f} MB/s"
+        elif o["error"]:
+            what += f": {o['error']}"
+        click.echo(what)
+
+
+def _control(path: str, cmd: str, **fields) -> dict:
+    target = online_target(path)
+    if target is None:
+        raise UsageError(f"{path}: not in a mounted datastore; only the mount runs operations that can be paused")
+    resp = online.request(target[0], dict(fields, cmd=cmd, folder=target[1]))
+    if resp is None:
+        raise UsageError(f"the mount of {target[0]} has no control socket of yours (mounted by another user?)")
+    if not resp.get("ok"):
+        raise UsageError(f"{target[1]}: {resp.get('error')}")
+    return resp["op"]
+
+
+@click.command("pause")
+@click.argument("path", type=click.Path(exists=True))
+@pass_ctx
+def pause(c, path):
+    """Pause the online encrypt, decrypt or deep rekey of PATH's folder (after its region in flight)."""
+    st = _control(path, "pause")
+    note(f"{st['folder']}: online {st['op']} paused at {st['percent']:.1f} %")
+
+
+@click.command("resume")
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--rate", help="Limit it to this many bytes per second from now on, e.g. 200M.")
+@pass_ctx
+def resume(c, path, rate):
+    """Resume a paused online operation of PATH's folder (and/or change its --rate)."""
+    if rate is not None:
+        _control(path, "rate", rate=parse_rate(rate))
+    st = _control(path, "resume")
+    note(f"{st['folder']}: online {st['op']} running, {st['percent']:.1f} % done")
+
+
+@click.command("operations")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+def operations(c, as_json):
+    """List the online operations of the datastores you have mounted (also part of 'vmfs-crypt status')."""
+    ops = all_operations()
+    if as_json:
+        emit_json({"operations": ops})
+    elif not ops:
+        click.echo("no online operation")
+    else:
+        echo_operations(ops)
+
+
+COMMANDS = [pause, resume, operations]
