@@ -166,6 +166,14 @@ def assert_holes_kept(vm: str) -> None:
         assert f.read(256 << 10) == bytes(256 << 10), "zero sectors were not stored as holes"
 
 
+def assert_old_dek_decrypts_nothing(old_dek: bytes, backing: bytes, plain: bytes, name: str) -> None:
+    """After a deep rekey, the old DEK gives back no non-zero sector of the file (the independent reader's decrypt)."""
+    wrong = decrypt_file(old_dek, backing)
+    for s in range(0, len(plain), SECTOR):
+        if any(plain[s:s + SECTOR]):
+            assert wrong[s:s + SECTOR] != plain[s:s + SECTOR], f"{name}: the old DEK decrypts sector {s // SECTOR}"
+
+
 def check_plaintext(env, vm: str, files: dict[str, bytes]) -> None:
     for name in ("disk-flat.vmdk", "vm1.nvram"):
         got = env.run("cat", os.path.join(vm, name)).stdout
@@ -229,11 +237,7 @@ def test_killed_in_place_operations_resume(small_regions, tmp_path):
                 assert before.encode() not in f.read()
             with open(os.path.join(vm, "disk-flat.vmdk"), "rb") as f:
                 backing = f.read()
-            wrong = decrypt_file(old_dek, backing)
-            plain = files["disk-flat.vmdk"]
-            for s in range(0, len(plain), SECTOR):
-                if any(plain[s:s + SECTOR]):
-                    assert wrong[s:s + SECTOR] != plain[s:s + SECTOR], f"the old DEK decrypts sector {s // SECTOR}"
+            assert_old_dek_decrypts_nothing(old_dek, backing, files["disk-flat.vmdk"], "disk-flat.vmdk")
     assert not os.path.exists(os.path.join(vm, ".vmfs-crypt.json"))
     for name, data in files.items():
         with open(os.path.join(vm, name), "rb") as f:
