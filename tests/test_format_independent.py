@@ -193,6 +193,38 @@ def read_plaintext(folder: str, name: str, key_files: dict[str, bytes]) -> tuple
     return decrypt_file(unwrap(kek, wrapped, parse_data(data)), backing), where
 
 
+def apply_journal(folder: str) -> str:
+    """Section 7.6, before a folder is used: roll a journal forward, else delete the leftovers. What it did."""
+    def remove_leftovers() -> None:
+        for name in os.listdir(folder):
+            if name.startswith((".vmfs-crypt-tmp.", ".vmfs-crypt-atomic.", "..vmfs-crypt")):
+                os.unlink(os.path.join(folder, name))
+
+    path = os.path.join(folder, ".vmfs-crypt-journal.json")
+    if not os.path.exists(path):
+        remove_leftovers()
+        return "no journal"
+    with open(path, "rb") as f:
+        doc = json.loads(f.read().decode("utf-8"))
+    if set(doc) != {"version", "renames", "keys"} or doc["version"] != 1 or type(doc["version"]) is not int:
+        raise Refused("not a journal")
+    for pair in doc["renames"]:
+        if (not isinstance(pair, list) or len(pair) != 2 or pair[0] != ".vmfs-crypt-tmp." + pair[1]
+                or "/" in pair[1] or pair[1].startswith((".vmfs-crypt", "..vmfs-crypt"))):
+            raise Refused("a rename the journal may not make")
+    if doc["keys"] is not None:
+        with open(os.path.join(folder, ".vmfs-crypt.json"), "wb") as f:
+            f.write(doc["keys"].encode("utf-8"))
+    for tmp, final in doc["renames"]:
+        if os.path.exists(os.path.join(folder, tmp)):
+            os.replace(os.path.join(folder, tmp), os.path.join(folder, final))
+    if doc["keys"] is None and os.path.exists(os.path.join(folder, ".vmfs-crypt.json")):
+        os.unlink(os.path.join(folder, ".vmfs-crypt.json"))
+    os.unlink(path)
+    remove_leftovers()  # no journal now: what is left is the killed writer's
+    return "rolled forward"
+
+
 # ==== the test vectors of FORMAT.md ==========================================================
 def format_vectors() -> dict[str, str]:
     with open(FORMAT_MD, encoding="utf-8") as f:

@@ -11,12 +11,20 @@ no sector of the result.
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from support import mounted
-from test_format_independent import SECTOR, decrypt_file, find_key, is_encrypted, read_plaintext
-from test_reencrypt import assert_old_dek_decrypts_nothing, dek_of, key_file
+from support import mounted, sha256_file
+from test_format_independent import (SECTOR, apply_journal, decrypt_file, find_key, is_encrypted, native_kek,
+                                     parse_data, parse_locator, read_plaintext, unwrap)
+from test_reencrypt import _stopped, assert_old_dek_decrypts_nothing, dek_of, key_file
+from test_safety_ops import QemuIo
+
+STOPPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support", "stopper.py")
 
 REGION = 256 << 10
 MiB = 1 << 20
@@ -194,3 +202,248 @@ def test_a_snapshot_chain_is_encrypted_and_deep_rekeyed_and_qemu_reads_every_lay
         assert decrypt_file(new[name], stored) == plain
     with mounted(env) as mnt:
         check_through_mount(env, os.path.join(mnt, "vm1"), pvm, expected, scratch)
+
+
+# -- shallow rekey: every branch of a chain and a linked clone in another folder --------------------
+# base/ holds a flat base disk with two branches (two deltas of the same parent) and an nvram file;
+# clone/ is a linked clone: its delta's parent is ../base/base.vmdk, in the other encrypted folder.
+BRANCHES = [("base/base.vmdk", None, ["write -P 0xa1 0 1M"]),
+            ("base/branchA.vmdk", "base.vmdk", ["write -P 0xb1 1M 256k"]),
+            ("base/branchB.vmdk", "base.vmdk", ["write -P 0xb2 1M 128k", "write -P 0xb3 0 4k"]),
+            ("clone/clone.vmdk", "../base/base.vmdk", ["write -P 0xc1 2M 512k"])]
+NVRAM = bytes(range(256)) * 33 + b"tail"  # a partial last sector
+
+
+def build_linked_clone(env) -> dict[str, bytes]:
+    """The two folders in plaintext; what each disk (with its chain) reads as."""
+    expected: dict[str, bytes] = {}
+    for rel, backing, writes in BRANCHES:
+        path = os.path.join(env.ds, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if backing is None:
+            env.tool("qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", path, str(SIZE))
+            raw = bytearray(SIZE)
+        else:
+            env.tool("qemu-img", "create", "-q", "-f", "vmdk", "-b", backing, "-F", "vmdk", path)
+            raw = bytearray(expected[os.path.normpath(os.path.join(os.path.dirname(rel), backing))])
+        for w in writes:
+            env.tool("qemu-io", "-f", "vmdk", "-c", w, path)
+            _apply(raw, w)
+        expected[rel] = bytes(raw)
+    for folder in ("base", "clone"):
+        with open(os.path.join(env.ds, folder, f"{folder}.nvram"), "wb") as f:
+            f.write(NVRAM)
+    return expected
+
+
+def compare_disks(env, mnt: str, plain: str, expected: dict[str, bytes], scratch: str) -> None:
+    """Through the mount QEMU reads each disk's chain (the clone's crosses into base/) as the plaintext copy."""
+    for rel, _, _ in BRANCHES:
+        m, p = os.path.join(mnt, rel), os.path.join(plain, rel)
+        out = env.tool("qemu-img", "compare", "-f", "vmdk", "-F", "vmdk", m, p)
+        assert b"Images are identical" in out.stdout, (rel, out.stdout)
+        env.tool("qemu-img", "check", "-q", m)
+        raw = os.path.join(scratch, "disk.raw")
+        env.tool("qemu-img", "convert", "-f", "vmdk", "-O", "raw", m, raw)
+        with open(raw, "rb") as f:
+            assert f.read() == expected[rel], f"{rel} does not read what qemu-io wrote"
+    for folder in ("base", "clone"):
+        with open(os.path.join(mnt, folder, f"{folder}.nvram"), "rb") as f:
+            assert f.read() == NVRAM
+
+
+def keys_at_rest(folder: str) -> tuple[str, dict[str, tuple[str, str, str]]]:
+    """(the folder's KEK id, {file: (provider, key id, where)}) for every encrypted file, by FORMAT.md 7.4 alone."""
+    with open(os.path.join(folder, ".vmfs-crypt.json"), "rb") as f:
+        folder_kek = json.loads(f.read())["kek"]["keyId"]
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if is_encrypted(folder, name) and os.path.isfile(os.path.join(folder, name)):
+            keysafe, _data, where = find_key(folder, name)
+            provider, key_id, _ = parse_locator(keysafe)
+            out[name] = (provider, key_id, where)
+    return folder_kek, out
+
+
+def assert_under_one_kek(folder: str, keys: dict[str, bytes], kek_id: str, other_id: str | None,
+                         deks: dict[str, bytes]) -> None:
+    """Every key of the folder is wrapped under `kek_id` and opens there to the same DEK; `other_id`'s KEK unwraps none."""
+    folder_kek, found = keys_at_rest(folder)
+    assert folder_kek == kek_id and {k for _, k, _ in found.values()} == {kek_id}, (kek_id, folder_kek, found)
+    assert set(found) == set(deks), found
+    for name in found:
+        keysafe, data, _ = find_key(folder, name)
+        provider, key_id, wrapped = parse_locator(keysafe)
+        assert dek_of({"keySafe": keysafe, "data": data}, keys) == deks[name], f"{name}: the DEK changed"
+        if other_id is not None:
+            with pytest.raises(Exception) as err:
+                unwrap(native_kek(keys[provider], other_id), wrapped, parse_data(data))
+            assert type(err.value).__name__ == "InvalidUnwrap", f"{name}: the other KEK unwraps it"
+
+
+def deks_at_rest(folder: str, keys: dict[str, bytes]) -> dict[str, bytes]:
+    out = {}
+    for name in keys_at_rest(folder)[1]:
+        keysafe, data, _ = find_key(folder, name)
+        out[name] = dek_of({"keySafe": keysafe, "data": data}, keys)
+    return out
+
+
+def data_hashes(folder: str) -> dict[str, str]:
+    """Every encrypted file's bytes at rest: a shallow rekey changes none of them."""
+    return {n: sha256_file(os.path.join(folder, n)) for n in keys_at_rest(folder)[1]}
+
+
+@pytest.fixture
+def linked_clone(venv_env):
+    """Both folders encrypted, a plaintext copy of the datastore, the key file, the expected reads."""
+    env = venv_env
+    expected = build_linked_clone(env)
+    plain = os.path.join(env.base, "plain")
+    shutil.copytree(env.ds, plain)
+    for folder in ("base", "clone"):
+        env.run("encrypt", os.path.join(env.ds, folder))
+    return env, plain, expected, key_file(env)
+
+
+@pytest.mark.cli
+@pytest.mark.fuse
+@pytest.mark.qemu
+def test_shallow_rekey_of_every_branch_and_a_linked_clone(linked_clone, tmp_path):
+    env, plain, expected, keys = linked_clone
+    scratch = str(tmp_path)
+    for folder in ("base", "clone"):
+        vm = os.path.join(env.ds, folder)
+        old_id = keys_at_rest(vm)[0]
+        deks, before = deks_at_rest(vm, keys), data_hashes(vm)
+        assert set(deks) == ({"base-flat.vmdk", "branchA.vmdk", "branchB.vmdk", "base.nvram"} if folder == "base"
+                             else {"clone.vmdk", "clone.nvram"}), deks.keys()
+        assert_under_one_kek(vm, keys, old_id, None, deks)
+        env.run("rekey", vm)
+        new_id = keys_at_rest(vm)[0]
+        assert new_id != old_id
+        assert_under_one_kek(vm, keys, new_id, old_id, deks)  # the old KEK unwraps nothing of the folder
+        assert data_hashes(vm) == before, "a shallow rekey rewrote data"
+        assert apply_journal(vm) == "no journal" and not [n for n in os.listdir(vm) if n.startswith(".vmfs-crypt-")]
+        for name in deks:  # the independent reader, under the new KEK only
+            got, _ = read_plaintext(vm, name, keys)
+            with open(os.path.join(plain, folder, name), "rb") as f:
+                assert got == f.read(), name
+        with mounted(env) as mnt:  # after each folder: the clone's chain spans a rekeyed and a not yet rekeyed folder
+            compare_disks(env, mnt, plain, expected, scratch)
+
+
+def _run_stopped(env, args: list[str], after: int) -> subprocess.Popen | None:
+    """The real CLI, stopped at its `after`-th crash point (support/stopper.py) and SIGKILLed there; None if it finished first."""
+    proc = subprocess.Popen([sys.executable, STOPPER, str(after)] + args, env=env.env, cwd=env.base,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not _stopped(proc.pid):
+            if proc.poll() is not None:
+                assert proc.returncode == 0, proc.stderr.read().decode(errors="replace")
+                return None
+            assert time.monotonic() < deadline, "the stop point was not reached"
+            time.sleep(0.005)  # polling a real condition (state T), with a deadline
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    return proc
+
+
+@pytest.mark.cli
+@pytest.mark.fuse
+@pytest.mark.qemu
+@pytest.mark.parametrize("folder", ["base", "clone"])
+def test_a_shallow_rekey_killed_at_each_step_leaves_one_kek(linked_clone, tmp_path, folder):
+    """SIGKILL before and after each rename of the shallow rekey's commit (the staged descriptors, the journal,
+    the key file, each file put in place): after recovery every key of the folder is under the old KEK or under the
+    new one, never some of each; the journal decides which (written: new, FORMAT.md 7.6)."""
+    env, plain, expected, keys = linked_clone
+    vm = os.path.join(env.ds, folder)
+    pristine = str(tmp_path / "pristine")
+    shutil.copytree(vm, pristine)
+    old_id, deks = keys_at_rest(vm)[0], deks_at_rest(vm, keys)
+    seen = {"old": 0, "new": 0}
+    after = 0
+    while True:
+        after += 1
+        shutil.rmtree(vm)
+        shutil.copytree(pristine, vm)
+        if _run_stopped(env, ["rekey", vm], after) is None:
+            break  # the rekey made fewer renames: every step has been killed
+        journal = os.path.exists(os.path.join(vm, ".vmfs-crypt-journal.json"))
+        # The independent reader (FORMAT.md 7.6 then 7.4) on a copy of the killed folder ...
+        copy = str(tmp_path / f"killed-{after}")
+        shutil.copytree(vm, copy)
+        assert apply_journal(copy) == ("rolled forward" if journal else "no journal")
+        kek_id = keys_at_rest(copy)[0]
+        assert (kek_id == old_id) != journal, (after, journal, kek_id)
+        assert_under_one_kek(copy, keys, kek_id, None if kek_id == old_id else old_id, deks)
+        # ... and the real mount's recovery agree, and QEMU reads every disk as before.
+        with mounted(env) as mnt:
+            compare_disks(env, mnt, plain, expected, str(tmp_path))
+        assert keys_at_rest(vm) == keys_at_rest(copy), f"kill at point {after}: the mount recovered otherwise"
+        assert_under_one_kek(vm, keys, kek_id, None if kek_id == old_id else old_id, deks)
+        assert not [n for n in os.listdir(vm) if n.startswith(".vmfs-crypt-")], os.listdir(vm)
+        seen["new" if journal else "old"] += 1
+    assert seen["old"] >= 1 and seen["new"] >= 2, f"the kills did not straddle the commit point: {seen}"
+    assert keys_at_rest(vm)[0] != old_id  # the last, unkilled run rekeyed it
+
+
+@pytest.mark.cli
+@pytest.mark.fuse
+@pytest.mark.qemu
+def test_shallow_rekey_while_qemu_holds_the_linked_clone_open_through_the_mount(linked_clone, tmp_path):
+    """Online shallow rekey (FORMAT.md 10): both folders of the clone's chain get a new KEK while qemu-io
+    has clone.vmdk, and through it base.vmdk and base-flat.vmdk, open through the mount."""
+    env, plain, expected, keys = linked_clone
+    ids = {f: keys_at_rest(os.path.join(env.ds, f))[0] for f in ("base", "clone")}
+    deks = {f: deks_at_rest(os.path.join(env.ds, f), keys) for f in ("base", "clone")}
+    extra = "write -P 0xd1 3M 64k"
+    with mounted(env) as mnt:
+        with QemuIo(env, "-t", "none", "-f", "vmdk", os.path.join(mnt, "clone", "clone.vmdk")) as q:
+            q.wait_holds(os.path.join(mnt, "base", "base-flat.vmdk"))
+            # base's data, the clone's own, and a range neither wrote (zeros of the base's flat extent)
+            reads = [("read -P 0xa1 0 1M", "read 1048576/1048576"), ("read -P 0xc1 2M 512k", "read 524288/524288"),
+                     ("read -P 0 1M 1M", "read 1048576/1048576")]
+            for r, want in reads:
+                q.run(r, want)
+            for folder in ("base", "clone"):
+                env.run("rekey", os.path.join(env.ds, folder))
+            for r, want in reads:  # the open chain still reads its data ...
+                q.run(r, want)
+            q.run(extra, "wrote 65536/65536")  # ... and writes, which rewrites clone.vmdk's metadata too
+            q.run("read -P 0xd1 3M 64k", "read 65536/65536")
+            assert "Pattern verification failed" not in q.output.decode(errors="replace"), q.output
+        for folder in ("base", "clone"):
+            vm = os.path.join(env.ds, folder)
+            new_id = keys_at_rest(vm)[0]
+            assert new_id != ids[folder]
+            assert_under_one_kek(vm, keys, new_id, ids[folder], deks[folder])
+    env.tool("qemu-io", "-f", "vmdk", "-c", extra, os.path.join(plain, "clone", "clone.vmdk"))
+    clone = bytearray(expected["clone/clone.vmdk"])
+    _apply(clone, extra)
+    expected = dict(expected, **{"clone/clone.vmdk": bytes(clone)})
+    with mounted(env) as mnt:  # a fresh mount: only the new KEKs, and every disk as in the plaintext copy
+        compare_disks(env, mnt, plain, expected, str(tmp_path))
+
+
+def test_recovery_of_a_journal_also_removes_the_killed_writers_atomic_file(tmp_path):
+    """The unit of what the kill test found: a writer killed while writing the key file of its journal
+    leaves `.vmfs-crypt-atomic..vmfs-crypt.json.PID`; the recovery that applies the journal removes it."""
+    from vmfs_crypt.format.folder import VmFolder
+    from vmfs_crypt.format.journal import recover
+    vm = tmp_path / "vm"
+    vm.mkdir()
+    golden = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "ds", "vm1")
+    with open(os.path.join(golden, ".vmfs-crypt.json")) as f:
+        keys = f.read()
+    for name in os.listdir(golden):
+        shutil.copy(os.path.join(golden, name), vm / name)
+    (vm / ".vmfs-crypt-journal.json").write_text(json.dumps({"version": 1, "renames": [], "keys": keys}))
+    (vm / ".vmfs-crypt-atomic..vmfs-crypt.json.4242").write_text(keys[:100])
+    assert "finished" in recover(VmFolder(str(vm)))
+    assert sorted(n for n in os.listdir(vm) if n.startswith(".vmfs-crypt")) == [".vmfs-crypt.json"]
