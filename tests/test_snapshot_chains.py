@@ -447,3 +447,47 @@ def test_recovery_of_a_journal_also_removes_the_killed_writers_atomic_file(tmp_p
     (vm / ".vmfs-crypt-atomic..vmfs-crypt.json.4242").write_text(keys[:100])
     assert "finished" in recover(VmFolder(str(vm)))
     assert sorted(n for n in os.listdir(vm) if n.startswith(".vmfs-crypt")) == [".vmfs-crypt.json"]
+
+
+@pytest.mark.cli
+@pytest.mark.fuse
+@pytest.mark.qemu
+def test_a_deep_rekey_of_the_chain_killed_inside_a_region_reads_by_format_md_and_the_mount_finishes_it(venv_env,
+                                                                                                    tmp_path):
+    """SIGKILL of `rekey --deep` inside a region of a file in the middle of the folder: files finished, one in
+    flight (with its sidecar) and files not started; the independent reader (FORMAT.md 7.8) reads every layer
+    as the plaintext copy, and the next mount finishes the rekey before QEMU reads every layer through it."""
+    from test_reencrypt import run_killed
+    env = venv_env
+    env.env["VMFS_CRYPT_REGION_SIZE"] = str(REGION)
+    vm = os.path.join(env.ds, "vm1")
+    expected = build_vm(env, vm)
+    pvm = os.path.join(env.base, "plain", "vm1")
+    shutil.copytree(vm, pvm)
+    keys = key_file(env)
+    env.run("encrypt", vm)
+    deks = check_at_rest(vm, pvm, keys)
+    st = run_killed(env, vm, ["rekey", "--deep"], 20, True, [0])
+    states = {f["name"]: f for f in st["files"]}
+    assert set(states) == set(deks)
+    finished = [n for n, f in states.items() if f["boundary"] == f["size"]]
+    current = next(f for f in st["files"] if f["boundary"] < f["size"])
+    assert finished and current["boundary"] > 0 and any(f["boundary"] == 0 for f in st["files"]), st
+    with open(os.path.join(vm, ".vmfs-crypt-region"), "rb") as f:
+        assert json.loads(f.readline())["file"] == current["name"]
+    for name in sorted(os.listdir(pvm)):
+        got, where = read_plaintext(vm, name, keys)
+        with open(os.path.join(pvm, name), "rb") as f:
+            assert got == f.read(), f"{name}: unreadable by FORMAT.md in the middle of the deep rekey"
+        assert (where == "reencrypt") == (name in deks), (name, where)
+    scratch = str(tmp_path / "raw")
+    os.makedirs(scratch)
+    with mounted(env) as mnt:  # the mount resumes the deep rekey first (issue 10), then serves the folder
+        check_through_mount(env, os.path.join(mnt, "vm1"), pvm, expected, scratch)
+    new = check_at_rest(vm, pvm, keys)
+    for name, old_dek in deks.items():
+        assert new[name] != old_dek
+        with open(os.path.join(vm, name), "rb") as f:
+            stored = f.read()
+        with open(os.path.join(pvm, name), "rb") as f:
+            assert_old_dek_decrypts_nothing(old_dek, stored, f.read(), name)
