@@ -491,3 +491,47 @@ def test_a_deep_rekey_of_the_chain_killed_inside_a_region_reads_by_format_md_and
             stored = f.read()
         with open(os.path.join(pvm, name), "rb") as f:
             assert_old_dek_decrypts_nothing(old_dek, stored, f.read(), name)
+
+
+@pytest.mark.cli
+@pytest.mark.fuse
+@pytest.mark.qemu
+def test_internal_snapshots_taken_reverted_and_deleted_through_the_mount_survive_a_deep_rekey(venv_env, tmp_path):
+    """After the encrypt, QEMU keeps using the internal snapshots through the mount: it takes one (s3), writes,
+    reverts to s1 and deletes s2; a deep rekey of the folder keeps every snapshot as QEMU left it."""
+    env = venv_env
+    env.env["VMFS_CRYPT_REGION_SIZE"] = str(REGION)
+    vm = os.path.join(env.ds, "vm1")
+    expected = build_vm(env, vm)
+    env.run("encrypt", vm)
+    scratch = str(tmp_path)
+
+    def read_snapshot(path: str, snap: str | None) -> bytes:
+        raw = os.path.join(scratch, "snap.raw")
+        env.tool("qemu-img", "convert", *(["-l", f"snapshot.name={snap}"] if snap else []), "-O", "raw", path, raw)
+        with open(raw, "rb") as f:
+            return f.read()
+
+    later = bytearray(expected["snaps.qcow2"])
+    _apply(later, "write -P 0xe1 3M 1M")
+    with mounted(env) as mnt:
+        img = os.path.join(mnt, "vm1", "snaps.qcow2")
+        env.tool("qemu-img", "snapshot", "-c", "s3", img)
+        env.tool("qemu-io", "-f", "qcow2", "-c", "write -P 0xe1 3M 1M", img)
+        assert read_snapshot(img, None) == bytes(later)
+        env.tool("qemu-img", "snapshot", "-a", "s1", img)
+        env.tool("qemu-img", "snapshot", "-d", "s2", img)
+        env.tool("qemu-img", "check", "-q", img)
+        assert read_snapshot(img, None) == expected["snaps.qcow2@s1"], "the revert to s1 did not read back"
+    with open(os.path.join(vm, "snaps.qcow2"), "rb") as f:
+        stored = f.read()
+    assert not stored.startswith(b"QFI\xfb") and bytes([0xe1]) * 64 not in stored, "QEMU's new data is plaintext at rest"
+    env.run("rekey", "--deep", vm)
+    with mounted(env) as mnt:
+        img = os.path.join(mnt, "vm1", "snaps.qcow2")
+        env.tool("qemu-img", "check", "-q", img)
+        listed = env.tool("qemu-img", "snapshot", "-l", img).stdout.decode()
+        assert " s1 " in listed and " s3 " in listed and " s2 " not in listed, listed
+        assert read_snapshot(img, "s1") == expected["snaps.qcow2@s1"]
+        assert read_snapshot(img, "s3") == expected["snaps.qcow2"]
+        assert read_snapshot(img, None) == expected["snaps.qcow2@s1"]
