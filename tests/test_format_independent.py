@@ -41,6 +41,7 @@ ENC_LINE = re.compile(rb"^[ \t]*encryption\.[^\n]*(?:\n|$)", re.M)
 ENC_KV = re.compile(r'^[ \t]*(encryption\.[A-Za-z]+)[ \t]*=[ \t]*"([^"]*)"[ \t]*\r?$')
 EXTENT = re.compile(r'^\s*(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Z]+)\s+"([^"]+)"(?:\s+(\d+))?', re.M)
 PLAINTEXT_SUFFIXES = (".log", ".vmx", ".vmxf", ".vmsd", ".vmtx", ".hlog", ".lck")
+OPS = ("encrypt", "decrypt", "rekey")
 
 
 def hkdf32(ikm: bytes, info: bytes) -> bytes:
@@ -172,11 +173,120 @@ def find_key(folder: str, name: str) -> tuple[str, str, str]:
         lines = key_lines(raw) if b"encryption." in raw else None
         if name in names and lines:
             return lines["encryption.keySafe"], lines["encryption.data"], entry
-    with open(os.path.join(folder, ".vmfs-crypt.json"), "rb") as f:
-        keys = json.loads(f.read().decode("utf-8"))
-    assert keys["format"] == "vmfs-crypt-folder" and keys["version"] == 1 and keys["features"] == []
+    keys = folder_keys(folder)
     entry = keys["files"][name]
     return entry["keySafe"], entry["data"], ".vmfs-crypt.json"
+
+
+def folder_keys(folder: str) -> dict:
+    """The folder key file (section 7.3), with its in-place operation checked if it has one (7.8)."""
+    with open(os.path.join(folder, ".vmfs-crypt.json"), "rb") as f:
+        keys = json.loads(f.read().decode("utf-8"))
+    if keys.get("format") != "vmfs-crypt-folder" or keys.get("version") != 1 or type(keys["version"]) is not int:
+        raise Refused("not a version 1 folder key file")
+    if keys.get("features") == ["reencrypt"]:
+        parse_in_flight(keys)
+    elif keys.get("features") != [] or set(keys) != {"format", "version", "features", "kek", "files"}:
+        raise Refused("unknown features or members")
+    return keys
+
+
+# -- section 7.8: a folder in the middle of an in-place re-encryption ----------------------------
+SIDECAR = ".vmfs-crypt-region"
+
+
+def parse_in_flight(doc: dict) -> dict:
+    """The `reencrypt` member of a folder key file, checked by the MUST-reject rules of 7.3 and 7.8."""
+    if doc.get("features") != ["reencrypt"] or set(doc) != {"format", "version", "features", "kek", "files", "reencrypt"}:
+        raise Refused("the feature and the member go together")
+    st = doc["reencrypt"]
+    if not isinstance(st, dict) or set(st) != {"op", "regionSize", "kek", "files"} or st["op"] not in OPS:
+        raise Refused("bad reencrypt member")
+    region = st["regionSize"]
+    if type(region) is not int or region % SECTOR or not SECTOR <= region <= 1 << 30:
+        raise Refused("bad regionSize")
+    if (st["kek"] is None) != (st["op"] == "decrypt"):
+        raise Refused("kek is null exactly for decrypt")
+    if not isinstance(st["files"], list) or not st["files"]:
+        raise Refused("no files")
+    names, started = set(), False
+    for fs in st["files"]:
+        if not isinstance(fs, dict) or set(fs) != {"name", "size", "boundary", "from", "to", "descriptor"}:
+            raise Refused("bad file state")
+        name, size, b = fs["name"], fs["size"], fs["boundary"]
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or name in names:
+            raise Refused("bad or repeated name")
+        names.add(name)
+        if type(size) is not int or type(b) is not int or not 0 <= b <= size or (b != size and b % region):
+            raise Refused("bad boundary")
+        if started and b:
+            raise Refused("a later file was started first")
+        started = started or b < size
+        if (fs["from"] is None) != (st["op"] == "encrypt") or (fs["to"] is None) != (st["op"] == "decrypt"):
+            raise Refused("from/to null for the wrong op")
+        if fs["from"] is None and name in doc["files"] or fs["from"] is not None and doc["files"].get(name) != fs["from"]:
+            raise Refused("files[name] is not the from record")
+    return st
+
+
+def valid_sidecar(folder: str, st: dict, fs: dict) -> bytes | None:
+    """The old bytes of the region at fs's boundary, if the sidecar is valid for it (else it is ignored)."""
+    current = next((f for f in st["files"] if f["boundary"] < f["size"]), None)
+    if current is not fs:
+        return None
+    try:
+        with open(os.path.join(folder, SIDECAR), "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None
+    head, lf, body = raw.partition(b"\n")
+    try:
+        h = json.loads(head.decode("utf-8"))
+    except ValueError:
+        return None
+    n = min(st["regionSize"], fs["size"] - fs["boundary"])
+    if (not lf or not isinstance(h, dict) or set(h) != {"file", "format", "length", "offset", "sha256", "version"}
+            or h["format"] != "vmfs-crypt-region" or h["version"] != 1 or h["file"] != fs["name"]
+            or h["offset"] != fs["boundary"] or h["length"] != n or len(body) != n
+            or h["sha256"] != hashlib.sha256(body).hexdigest()):
+        return None
+    return body
+
+
+def entry_dek(entry: dict, key_files: dict[str, bytes]) -> bytes:
+    provider, key_id, wrapped = parse_locator(entry["keySafe"])
+    return unwrap(native_kek(key_files[provider], key_id), wrapped, parse_data(entry["data"]))
+
+
+def read_in_flight(folder: str, name: str, key_files: dict[str, bytes]) -> bytes:
+    """7.8 "Reading a sector": below the boundary under `to`, in a valid sidecar's region from it under `from`, else under `from`."""
+    doc = folder_keys(folder)
+    st = parse_in_flight(doc)
+    fs = next(f for f in st["files"] if f["name"] == name)
+    for entry in sorted(os.listdir(folder)):
+        if is_descriptor(folder, entry):
+            with open(os.path.join(folder, entry), "rb") as f:
+                raw = f.read(1 << 20)
+            if key_lines(raw) and name in [m[4] for m in EXTENT.finditer(raw.rstrip(b"\0").decode("utf-8", "replace"))]:
+                raise Refused("a descriptor keys a file of the operation")
+    with open(os.path.join(folder, name), "rb") as f:
+        backing = f.read()
+    if len(backing) != fs["size"]:
+        raise Refused("the file's size is not the state's")
+    b = fs["boundary"]
+    saved = valid_sidecar(folder, st, fs)
+    deks = {side: entry_dek(fs[side], key_files) if fs[side] is not None else None for side in ("from", "to")}
+    out = bytearray()
+    for i in range(0, len(backing), SECTOR):
+        if i < b:
+            unit, dek = backing[i:i + SECTOR], deks["to"]
+        elif saved is not None and i < b + len(saved):
+            unit, dek = saved[i - b:i - b + SECTOR], deks["from"]
+        else:
+            unit, dek = backing[i:i + SECTOR], deks["from"]
+        hole = not any(unit) and len(unit) >= 16
+        out += unit if dek is None else bytes(len(unit)) if hole else xts_unit(dek, i // SECTOR, unit, encrypt=False)
+    return bytes(out)
 
 
 def read_plaintext(folder: str, name: str, key_files: dict[str, bytes]) -> tuple[bytes, str]:
@@ -187,10 +297,45 @@ def read_plaintext(folder: str, name: str, key_files: dict[str, bytes]) -> tuple
         if is_descriptor(folder, name):
             return ENC_LINE.sub(b"", backing), "-"  # section 6.3: the plaintext view
         return backing, "-"
+    keys = folder_keys(folder)
+    if "reencrypt" in keys and any(f["name"] == name for f in keys["reencrypt"]["files"]):
+        return read_in_flight(folder, name, key_files), "reencrypt"
     keysafe, data, where = find_key(folder, name)
     provider, key_id, wrapped = parse_locator(keysafe)
     kek = native_kek(key_files[provider], key_id)
     return decrypt_file(unwrap(kek, wrapped, parse_data(data)), backing), where
+
+
+def apply_journal(folder: str) -> str:
+    """Section 7.6, before a folder is used: roll a journal forward, else delete the leftovers. What it did."""
+    def remove_leftovers() -> None:
+        for name in os.listdir(folder):
+            if name.startswith((".vmfs-crypt-tmp.", ".vmfs-crypt-atomic.", "..vmfs-crypt")):
+                os.unlink(os.path.join(folder, name))
+
+    path = os.path.join(folder, ".vmfs-crypt-journal.json")
+    if not os.path.exists(path):
+        remove_leftovers()
+        return "no journal"
+    with open(path, "rb") as f:
+        doc = json.loads(f.read().decode("utf-8"))
+    if set(doc) != {"version", "renames", "keys"} or doc["version"] != 1 or type(doc["version"]) is not int:
+        raise Refused("not a journal")
+    for pair in doc["renames"]:
+        if (not isinstance(pair, list) or len(pair) != 2 or pair[0] != ".vmfs-crypt-tmp." + pair[1]
+                or "/" in pair[1] or pair[1].startswith((".vmfs-crypt", "..vmfs-crypt"))):
+            raise Refused("a rename the journal may not make")
+    if doc["keys"] is not None:
+        with open(os.path.join(folder, ".vmfs-crypt.json"), "wb") as f:
+            f.write(doc["keys"].encode("utf-8"))
+    for tmp, final in doc["renames"]:
+        if os.path.exists(os.path.join(folder, tmp)):
+            os.replace(os.path.join(folder, tmp), os.path.join(folder, final))
+    if doc["keys"] is None and os.path.exists(os.path.join(folder, ".vmfs-crypt.json")):
+        os.unlink(os.path.join(folder, ".vmfs-crypt.json"))
+    os.unlink(path)
+    remove_leftovers()  # no journal now: what is left is the killed writer's
+    return "rolled forward"
 
 
 # ==== the test vectors of FORMAT.md ==========================================================
@@ -269,6 +414,116 @@ def test_reader_refuses_a_pasted_keysafe():
     with pytest.raises(Exception) as err:
         unwrap(kek, wrapped, other)
     assert type(err.value).__name__ == "InvalidUnwrap"
+
+
+def reencrypt_vector() -> tuple[dict, dict[str, str]]:
+    """FORMAT.md 9.4: (the folder key file, the named values)."""
+    with open(FORMAT_MD, encoding="utf-8") as f:
+        text = f.read()
+    block = re.search(r"<!-- reencrypt-vectors:begin -->\n```json\n(.*?)```\n\n```text\n(.*?)\n```\n"
+                      r"<!-- reencrypt-vectors:end -->", text, re.S)
+    assert block, "docs/FORMAT.md lost its re-encryption vector"
+    values: dict[str, str] = {}
+    name = None
+    for line in block.group(2).split("\n"):
+        if line.startswith(" "):
+            values[name] += line.strip()
+        else:
+            name, value = (part.strip() for part in line.split(" = ", 1))
+            values[name] = value
+    return json.loads(block.group(1)), values
+
+
+def vector_folder(path: str, doc: dict, v: dict[str, str], sidecar_tail: bytes = b"") -> dict[str, bytes]:
+    """Lay the vector out as a folder (key file, file, sidecar); returns the native key file for its provider."""
+    os.makedirs(path)
+    with open(os.path.join(path, ".vmfs-crypt.json"), "w", encoding="utf-8") as f:
+        json.dump(doc, f)
+    sectors = [bytes(512) if v[f"backing sector {i}"] == "zeros (a hole)" else bytes.fromhex(v[f"backing sector {i}"])
+               for i in range(8)]
+    with open(os.path.join(path, "vm1.nvram"), "wb") as f:
+        f.write(b"".join(sectors))
+    with open(os.path.join(path, SIDECAR), "wb") as f:
+        f.write(v["sidecar header line"].encode() + b"\n" + bytes.fromhex(v["sidecar sector 0"] + v["sidecar sector 1"])
+                + sidecar_tail)
+    primary = base64.b64encode(bytes.fromhex(v["native primary key"])).decode()
+    return {"local": json.dumps({"format": "vmfs-crypt-native-key", "version": 1, "features": [], "provider": "local",
+                                 "key": primary}).encode()}
+
+
+def vector_plaintext_in_flight() -> bytes:
+    """FORMAT.md 9.4: byte j of sector i is (j + 16 i) mod 256, sector 6 all zero."""
+    return b"".join(bytes(512) if i == 6 else bytes((j + 16 * i) & 0xFF for j in range(512)) for i in range(8))
+
+
+def test_format_md_reencrypt_vector(tmp_path):
+    """A deep rekey stopped inside region 3 (FORMAT.md 9.4) decrypts by section 7.8 alone."""
+    doc, v = reencrypt_vector()
+    key_files = vector_folder(str(tmp_path / "vm1"), doc, v)
+    vm = str(tmp_path / "vm1")
+    st = parse_in_flight(doc)
+    fs = st["files"][0]
+    assert (st["op"], st["regionSize"], fs["name"], fs["size"], fs["boundary"]) == ("rekey", 1024, "vm1.nvram", 4096, 2048)
+    for side in ("old", "new"):
+        assert native_kek(key_files["local"], v[f"{side} KEK key id"]).hex() == v[f"{side} KEK"]
+    old, new = entry_dek(fs["from"], key_files), entry_dek(fs["to"], key_files)
+    assert (old.hex(), new.hex()) == (v["old DEK"], v["new DEK"])
+    assert fs["from"] == doc["files"]["vm1.nvram"] and st["kek"]["keyId"] == v["new KEK key id"]
+    assert parse_locator(fs["from"]["keySafe"])[1] == v["old KEK key id"] == doc["kek"]["keyId"]
+
+    plain = vector_plaintext_in_flight()
+    # Each backing sector is what the text says: 0-4 under the new DEK (4: the half of region 3
+    # rewritten before the crash), 5 and 7 under the old one, 6 a hole; the sidecar holds region 3's old bytes.
+    with open(os.path.join(vm, "vm1.nvram"), "rb") as f:
+        backing = f.read()
+    for i in range(8):
+        unit = backing[i * 512:(i + 1) * 512]
+        want = bytes(512) if i == 6 else xts_unit(new if i <= 4 else old, i, plain[i * 512:(i + 1) * 512], True)
+        assert unit == want, f"backing sector {i}"
+    saved = valid_sidecar(vm, st, fs)
+    assert saved == xts_unit(old, 4, plain[2048:2560], True) + xts_unit(old, 5, plain[2560:3072], True)
+    assert hashlib.sha256(saved).hexdigest() == json.loads(v["sidecar header line"])["sha256"]
+
+    got, where = read_plaintext(vm, "vm1.nvram", key_files)
+    assert where == "reencrypt" and got == plain
+    # Without the sidecar's old bytes, sector 4 (already under the new DEK) would be misread under the old one.
+    assert decrypt_file(old, backing)[2048:2560] != plain[2048:2560]
+
+
+@pytest.mark.parametrize("tail", [b"x", b""], ids=["sidecar with a byte too many", "sidecar for another offset"])
+def test_an_invalid_sidecar_is_ignored(tmp_path, tail):
+    """7.8: a sidecar that is not valid (torn, or left from an earlier region) is ignored, and then the
+    vector's half-rewritten sector 4 is read from the backing file under the old key (garbage, as the text says)."""
+    doc, v = reencrypt_vector()
+    if not tail:
+        v = dict(v, **{"sidecar header line": v["sidecar header line"].replace('"offset": 2048', '"offset": 1024')})
+    vm = str(tmp_path / "vm1")
+    key_files = vector_folder(vm, doc, v, tail)
+    assert valid_sidecar(vm, parse_in_flight(doc), doc["reencrypt"]["files"][0]) is None
+    got = read_in_flight(vm, "vm1.nvram", key_files)
+    plain = vector_plaintext_in_flight()
+    assert got[:2048] == plain[:2048] and got[2560:] == plain[2560:] and got[2048:2560] != plain[2048:2560]
+
+
+def _state_mutations():
+    yield "boundary off the region grid", lambda d: d["reencrypt"]["files"][0].__setitem__("boundary", 1536)
+    yield "boundary past the size", lambda d: d["reencrypt"]["files"][0].__setitem__("boundary", 5120)
+    yield "from is not files[name]", lambda d: d["reencrypt"]["files"][0].__setitem__("from", d["reencrypt"]["files"][0]["to"])
+    yield "regionSize not a sector multiple", lambda d: d["reencrypt"].__setitem__("regionSize", 1000)
+    yield "kek null for a rekey", lambda d: d["reencrypt"].__setitem__("kek", None)
+    yield "feature without the member", lambda d: d.pop("reencrypt")
+    yield "member without the feature", lambda d: d.__setitem__("features", [])
+    yield "unknown op", lambda d: d["reencrypt"].__setitem__("op", "shred")
+
+
+@pytest.mark.parametrize("what,mutate", list(_state_mutations()), ids=[m[0] for m in _state_mutations()])
+def test_the_independent_reader_rejects_a_broken_state(tmp_path, what, mutate):
+    doc, v = reencrypt_vector()
+    mutate(doc)
+    vm = str(tmp_path / "vm1")
+    key_files = vector_folder(vm, doc, v)
+    with pytest.raises(Refused):
+        read_plaintext(vm, "vm1.nvram", key_files)
 
 
 # ==== disks written by vmfs-crypt, read by the independent implementation ======================

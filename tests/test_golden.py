@@ -167,3 +167,17 @@ def test_library_reproduces_format_md_vectors():
     block = re.search(r"<!-- test-vectors:begin -->\n```text\n(.*?)\n```\n<!-- test-vectors:end -->", text, re.S)
     assert block, "docs/FORMAT.md lost its test vector block"
     assert block.group(1) == make_golden.format_vectors()
+
+
+def test_library_reproduces_the_reencrypt_vector():
+    """FORMAT.md 9.4 (a deep rekey in flight) is what vmfs-crypt's own code writes (make_golden.py --reencrypt-vectors)."""
+    sys.path.insert(0, GOLDEN)
+    try:
+        import make_golden
+    finally:
+        sys.path.remove(GOLDEN)
+    with open(FORMAT_MD, encoding="utf-8") as f:
+        text = f.read()
+    block = re.search(r"<!-- reencrypt-vectors:begin -->\n(.*?)\n<!-- reencrypt-vectors:end -->", text, re.S)
+    assert block, "docs/FORMAT.md lost its re-encryption vector"
+    assert block.group(1) == make_golden.reencrypt_vectors()

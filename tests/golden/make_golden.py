@@ -12,6 +12,7 @@ datastore next to this one (e.g. tests/golden-v2/) and keep this one.
 Usage (from the repository root, in the venv):
 
     python tests/golden/make_golden.py --vectors      # print the test vectors of docs/FORMAT.md
+    python tests/golden/make_golden.py --reencrypt-vectors   # print the vector of FORMAT.md 9.4
     python tests/golden/make_golden.py --out DIR      # write a fresh golden datastore into DIR
 
 Writing into tests/golden/ itself is refused once tests/golden/ds exists (that is: always,
@@ -130,6 +131,80 @@ def format_vectors() -> str:
     return "\n".join(f"{name:<{w}} = {value}" for name, value in rows)
 
 
+# -- the in-place re-encryption vector of docs/FORMAT.md 9.4 -----------------------------------
+RE_NEW_KEY_ID = "ffeeddccbbaa99887766554433221100"
+RE_NEW_DEK = bytes(range(0xC0, 0x100))
+RE_NEW_FILE_ID = "101112131415161718191a1b1c1d1e1f"
+RE_FILE = "vm1.nvram"
+RE_REGION = 1024  # 2 sectors per region, 4 regions
+RE_SECTORS = 8
+RE_BOUNDARY = 2 * RE_REGION  # regions 1 and 2 done
+RE_HOLE = 6  # a sector of zeros: a hole under either key
+
+
+def reencrypt_plaintext() -> bytes:
+    """Byte j of sector i is (j + 16*i) mod 256, except sector 6, which is all zero."""
+    out = bytearray()
+    for i in range(RE_SECTORS):
+        out += bytes(512) if i == RE_HOLE else bytes((j + 16 * i) & 0xFF for j in range(512))
+    return bytes(out)
+
+
+def reencrypt_vectors() -> str:
+    """The block of docs/FORMAT.md 9.4: a deep rekey of one file stopped inside region 3, by vmfs-crypt's own code.
+
+    The backing bytes are what the engine's own transform makes of them: the file under the old
+    DEK, regions 1-2 rewritten under the new DEK, then the first half of region 3 (sector 4) with
+    its sidecar written first, as a crash in step 2 of FORMAT.md 7.8 leaves it.
+    """
+    sys.path.insert(0, REPO)
+    from vmfs_crypt.crypto.xts import SectorCipher
+    from vmfs_crypt.format.folder import FolderKeys
+    from vmfs_crypt.format.keysafe import EncryptionData, KeyRecord, KeyRef
+    from vmfs_crypt.format.reencrypt import ReencryptFile, ReencryptState, read_region, region_path, write_region
+    from vmfs_crypt.ops.reencrypt import transform
+    from vmfs_crypt.providers.native import derive_kek
+
+    def record(key_id: str, dek: bytes, file_id: str) -> KeyRecord:
+        raw = json.dumps({"cipher": "aes-xts-plain64", "features": [], "id": file_id, "sectorSize": 512,
+                          "version": 1}, sort_keys=True, separators=(",", ":")).encode("ascii")
+        return KeyRecord.seal(KeyRef(VECTOR_PROVIDER, key_id), derive_kek(VECTOR_PRIMARY, key_id), dek,
+                              EncryptionData(raw=raw, file_id=file_id))
+
+    old_rec, new_rec = record(VECTOR_KEY_ID, VECTOR_DEK, VECTOR_FILE_ID), record(RE_NEW_KEY_ID, RE_NEW_DEK, RE_NEW_FILE_ID)
+    old, new = SectorCipher(VECTOR_DEK), SectorCipher(RE_NEW_DEK)
+    plain = reencrypt_plaintext()
+    backing = bytearray(transform(plain, 0, None, old))  # the file before the operation
+    backing[:RE_BOUNDARY] = transform(bytes(backing[:RE_BOUNDARY]), 0, old, new)
+    r3 = bytes(backing[RE_BOUNDARY:RE_BOUNDARY + RE_REGION])  # region 3's old bytes: the sidecar's
+    half = RE_REGION // 2
+    backing[RE_BOUNDARY:RE_BOUNDARY + half] = transform(r3[:half], RE_BOUNDARY // 512, old, new)
+    state = ReencryptState("rekey", RE_REGION, KeyRef(VECTOR_PROVIDER, RE_NEW_KEY_ID),
+                           [ReencryptFile(RE_FILE, len(plain), RE_BOUNDARY, old_rec, new_rec, None)])
+    keys = FolderKeys(KeyRef(VECTOR_PROVIDER, VECTOR_KEY_ID), {RE_FILE: old_rec}, state)
+    assert FolderKeys.from_bytes(keys.to_bytes(), "vector", allow_reencrypt=True).reencrypt.to_json() == state.to_json()
+    with tempfile.TemporaryDirectory() as d:
+        write_region(d, RE_FILE, RE_BOUNDARY, r3)
+        with open(region_path(d), "rb") as f:
+            sidecar = f.read()
+        assert read_region(d, state.files[0], RE_REGION) == (RE_BOUNDARY, r3)
+    header = sidecar.split(b"\n", 1)[0].decode("ascii")
+    w = 31
+    rows = [("native primary key", VECTOR_PRIMARY.hex()),
+            ("old KEK key id", VECTOR_KEY_ID), ("old KEK", derive_kek(VECTOR_PRIMARY, VECTOR_KEY_ID).hex()),
+            ("old DEK", _hex_lines(VECTOR_DEK, w + 3)),
+            ("new KEK key id", RE_NEW_KEY_ID), ("new KEK", derive_kek(VECTOR_PRIMARY, RE_NEW_KEY_ID).hex()),
+            ("new DEK", _hex_lines(RE_NEW_DEK, w + 3)),
+            ("sidecar header line", header)]
+    for i in range(RE_SECTORS):
+        sector = bytes(backing[i * 512:(i + 1) * 512])
+        rows.append((f"backing sector {i}", "zeros (a hole)" if not any(sector) else _hex_lines(sector, w + 3)))
+    for i in range(2):
+        rows.append((f"sidecar sector {i}", _hex_lines(r3[i * 512:(i + 1) * 512], w + 3)))
+    text = "\n".join(f"{name:<{w}} = {value}" for name, value in rows)
+    return f"```json\n{keys.to_bytes().decode('utf-8')}```\n\n```text\n{text}\n```"
+
+
 # -- the golden datastore --------------------------------------------------------------------
 def _run(cmd, env, **kw) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, env=env, capture_output=True, **kw)
@@ -225,12 +300,17 @@ def make_golden(out: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vectors", action="store_true", help="print the test vectors of docs/FORMAT.md")
+    parser.add_argument("--reencrypt-vectors", action="store_true",
+                        help="print the in-place re-encryption vector of docs/FORMAT.md 9.4")
     parser.add_argument("--out", help="directory to write a golden datastore into")
     parser.add_argument("--i-know-this-breaks-compatibility", dest="force", action="store_true",
                         help="allow writing into tests/golden/ itself")
     args = parser.parse_args()
     if args.vectors:
         print(format_vectors())
+        return
+    if args.reencrypt_vectors:
+        print(reencrypt_vectors())
         return
     if not args.out:
         parser.error("give --vectors or --out DIR")

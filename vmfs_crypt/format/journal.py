@@ -295,6 +295,10 @@ def recover(folder: VmFolder, lock_held: bool = False) -> str | None:
 def _recover(folder: VmFolder) -> str | None:
     if os.path.lexists(journal_path(folder)):
         _apply(folder, read_journal(folder))
+        # The killed writer may have left its own half-written atomic file (of the key file it was
+        # replacing when it died): with the journal applied it is a leftover like any other (7.6).
+        for name in _strays(folder):
+            os.unlink(os.path.join(folder.backing_dir, name))
         return f"{folder.backing_dir}: finished an interrupted operation"
     stray = _strays(folder)
     for name in stray:
