@@ -1,0 +1,239 @@
+"""Issue 10: encrypt, deep rekey and decrypt carried out by the running mount while writers use the disk.
+
+Two writers run through the mount during each operation, one with O_DIRECT (as QEMU's
+cache=none) and one buffered with fdatasync, on disjoint 4 KiB blocks of one disk; each logs
+a write only after the kernel acknowledged it (and, buffered, after fdatasync). Afterwards
+every block must hold its last acknowledged write, through the mount and at rest by the
+independent reader written from FORMAT.md; after a deep rekey the old DEK decrypts no
+sector. The mount is SIGKILLed at exact points (its engine stops itself there: the test-only
+stop points of ops/reencrypt.py) and mounted again, which resumes the operation.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from support.env import is_mounted
+from test_format_independent import find_key, read_plaintext
+from test_reencrypt import (DISK, REGION, assert_old_dek_decrypts_nothing, dek_of, key_file, make_vm, state,
+                            _stopped)
+
+BLOCK = 4096
+BLOCKS = 2048  # the first 8 MiB of the disk: 32 regions of REGION
+
+WRITER = r"""
+import mmap, os, random, struct, sys
+path, parity, direct, seed, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4]), sys.argv[5]
+fd = os.open(path, os.O_RDWR | (os.O_DIRECT if direct else 0))
+buf = mmap.mmap(-1, 4096)
+r = random.Random(seed)
+gen = 0
+out = sys.stdout
+while not os.path.exists(stop):
+    idx = r.randrange(0, NBLOCKS // 2) * 2 + parity
+    gen += 1
+    data = struct.pack("<QQ", idx, gen) * 256
+    out.write(f"begin {idx} {gen}\n"); out.flush()
+    buf[:] = data
+    try:
+        if os.pwrite(fd, buf, idx * 4096) != 4096:
+            sys.exit(2)
+        if not direct:
+            os.fdatasync(fd)
+    except OSError as e:
+        out.write(f"error {e.errno}\n"); out.flush()
+        sys.exit(0)
+    out.write(f"done {idx} {gen}\n"); out.flush()
+    if gen % 7 == 0:  # read one of our blocks back: what we last wrote there, or the original
+        j = r.randrange(0, NBLOCKS // 2) * 2 + parity
+        try:
+            got = os.preadv(fd, [buf], j * 4096)
+        except OSError as e:
+            out.write(f"error {e.errno}\n"); out.flush()
+            sys.exit(0)
+        out.write(f"read {j} {bytes(buf[:16]).hex()}\n"); out.flush()
+""".replace("NBLOCKS", str(BLOCKS))
+
+
+class Writers:
+    def __init__(self, env, path: str, tag: str) -> None:
+        self.stop = os.path.join(env.base, f"stop-{tag}")
+        self.procs = [subprocess.Popen([sys.executable, "-c", WRITER, path, str(parity), direct, str(hash(tag) % 1000 + parity),
+                                        self.stop], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                      for parity, direct in ((0, "1"), (1, "0"))]
+
+    def finish(self) -> list[list[str]]:
+        with open(self.stop, "w"):
+            pass
+        logs = []
+        for p in self.procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err.decode(errors="replace")
+            logs.append(out.decode().splitlines())
+        os.unlink(self.stop)
+        return logs
+
+
+def expected(original: bytes, logs: list[list[str]]) -> tuple[bytearray, dict[int, set[bytes]]]:
+    """The disk's bytes after the acknowledged writes, and for a write cut off by a kill both values it may hold."""
+    import struct
+    want = bytearray(original)
+    maybe: dict[int, set[bytes]] = {}
+    for log in logs:
+        pending = None
+        for line in log:
+            kind, *rest = line.split()
+            if kind == "begin":
+                pending = (int(rest[0]), int(rest[1]))
+            elif kind == "done":
+                idx, gen = int(rest[0]), int(rest[1])
+                want[idx * BLOCK:(idx + 1) * BLOCK] = struct.pack("<QQ", idx, gen) * 256
+                maybe.pop(idx, None)
+                pending = None
+        if pending is not None:  # not acknowledged: either value may be there
+            idx, gen = pending
+            maybe[idx] = {bytes(want[idx * BLOCK:(idx + 1) * BLOCK]), struct.pack("<QQ", idx, gen) * 256}
+    return want, maybe
+
+
+def assert_disk(got: bytes, want: bytearray, maybe: dict, where: str) -> None:
+    assert len(got) == len(want), where
+    for idx in range(BLOCKS):
+        a, b = idx * BLOCK, (idx + 1) * BLOCK
+        if idx in maybe:
+            assert got[a:b] in maybe[idx], f"{where}: block {idx} holds neither its old nor its cut-off write"
+        else:
+            assert got[a:b] == want[a:b], f"{where}: block {idx} lost an acknowledged write"
+    assert got[BLOCKS * BLOCK:] == want[BLOCKS * BLOCK:], f"{where}: the rest of the disk changed"
+
+
+def writes_in(logs) -> int:
+    return sum(1 for log in logs for line in log if line.startswith("done"))
+
+
+def at_rest(vm: str, env) -> bytes:
+    return read_plaintext(vm, "disk-flat.vmdk", key_file(env))[0]
+
+
+def disk_dek(vm: str, env) -> bytes:
+    """The disk's DEK, wherever FORMAT.md 7.4 says it is (a descriptor or the folder key file)."""
+    key_safe, data, _ = find_key(vm, "disk-flat.vmdk")
+    return dek_of({"keySafe": key_safe, "data": data}, key_file(env))
+
+
+@pytest.fixture
+def online_env(venv_env):
+    venv_env.env["VMFS_CRYPT_REGION_SIZE"] = str(REGION)
+    return venv_env
+
+
+def _mount(env, extra_env: dict | None = None) -> str:
+    mnt = os.path.join(env.base, "mnt")
+    os.makedirs(mnt, exist_ok=True)
+    if mnt not in env.mounts:
+        env.mounts.append(mnt)
+    out = env.run("mount", env.ds, mnt, env=dict(env.env, **(extra_env or {})), check=False, timeout=300)
+    assert out.returncode == 0 and is_mounted(mnt), out.stderr.decode(errors="replace") + env.mount_logs()
+    return mnt
+
+
+def _mount_pid(mnt: str) -> int:
+    out = subprocess.run(["pgrep", "-f", f"vmfs_crypt.cli.mountd .*{mnt}"], capture_output=True, text=True)
+    return int(out.stdout.split()[0])
+
+
+@pytest.mark.cli
+@pytest.mark.fuse
+def test_online_encrypt_rekey_decrypt_keep_every_acknowledged_write(online_env):
+    env = online_env
+    vm, files = make_vm(env.ds)
+    mnt = _mount(env)
+    disk = os.path.join(mnt, "vm1", "disk-flat.vmdk")
+    content = bytearray(files["disk-flat.vmdk"])
+    old_dek = None
+    try:
+        for args in (["encrypt"], ["rekey", "--deep"], ["decrypt"]):
+            writers = Writers(env, disk, args[0])
+            try:
+                out = env.run(*args, os.path.join(mnt, "vm1"), timeout=600)
+            finally:
+                logs = writers.finish()
+            assert b"online" in out.stdout, out.stdout
+            assert writes_in(logs) > 0
+            want, maybe = expected(bytes(content), logs)
+            assert not maybe
+            with open(disk, "rb") as f:
+                assert_disk(f.read(), want, maybe, f"through the mount after {args}")
+            assert state(vm) is None and not os.path.exists(os.path.join(vm, ".vmfs-crypt-region"))
+            with open(os.path.join(vm, "disk-flat.vmdk"), "rb") as f:
+                backing = f.read()
+            if args[0] == "decrypt":
+                assert backing == bytes(want), "the decrypted disk at rest is not the plaintext"
+            else:
+                assert backing[:BLOCKS * BLOCK] != bytes(want[:BLOCKS * BLOCK])
+                assert_disk(at_rest(vm, env), want, maybe, f"at rest (FORMAT.md reader) after {args}")
+                new_dek = disk_dek(vm, env)
+                if old_dek is not None:
+                    assert new_dek != old_dek
+                    assert_old_dek_decrypts_nothing(old_dek, backing, bytes(want), "disk-flat.vmdk")
+                old_dek = new_dek
+            with open(os.path.join(mnt, "vm1", "vm1.nvram"), "rb") as f:
+                assert f.read() == files["vm1.nvram"]
+            content = want
+    finally:
+        env.run("umount", mnt, check=False)
+
+
+@pytest.mark.cli
+@pytest.mark.fuse
+@pytest.mark.parametrize("args, stop", [(["encrypt"], ("VMFS_CRYPT_TEST_STOP_AFTER_REGIONS", 9)),
+                                        (["rekey", "--deep"], ("VMFS_CRYPT_TEST_STOP_IN_REGION", 14)),
+                                        (["decrypt"], ("VMFS_CRYPT_TEST_STOP_IN_REGION", 5))],
+                         ids=["encrypt-between-regions", "deep-rekey-inside-a-region", "decrypt-inside-a-region"])
+def test_a_mount_killed_during_an_online_operation_loses_nothing_and_the_next_mount_finishes_it(online_env, args, stop):
+    env = online_env
+    vm, files = make_vm(env.ds)
+    if args[0] != "encrypt":
+        env.run("encrypt", vm)
+    before_dek = disk_dek(vm, env) if args[0] == "rekey" else None
+    mnt = _mount(env, {stop[0]: str(stop[1])})
+    disk = os.path.join(mnt, "vm1", "disk-flat.vmdk")
+    pid = _mount_pid(mnt)
+    writers = Writers(env, disk, "kill")
+    try:
+        env.run(*args, "--background", os.path.join(mnt, "vm1"))
+        deadline = time.monotonic() + 300
+        while not _stopped(pid):  # the engine stops the mount at the chosen point
+            assert time.monotonic() < deadline, env.mount_logs()
+            time.sleep(0.05)
+        mid = state(vm)
+        assert mid is not None and mid["op"] == ("rekey" if args[0] == "rekey" else args[0])
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        logs = writers.finish()
+    subprocess.run(["fusermount", "-uz", mnt], capture_output=True)
+    assert writes_in(logs) > 0
+    want, maybe = expected(files["disk-flat.vmdk"], logs)
+    # Killed: every sector readable under the old or the new key by FORMAT.md alone
+    assert_disk(at_rest(vm, env), want, maybe, "at rest right after the kill")
+    mnt = _mount(env)  # resumes the operation before it serves
+    try:
+        assert state(vm) is None
+        with open(disk, "rb") as f:
+            assert_disk(f.read(), want, maybe, "through the mount after the resume")
+        with open(os.path.join(vm, "disk-flat.vmdk"), "rb") as f:
+            backing = f.read()
+        if args[0] == "decrypt":
+            assert_disk(backing, want, maybe, "the decrypted disk at rest")
+        else:
+            assert_disk(at_rest(vm, env), want, maybe, "at rest after the resume")
+        if before_dek is not None:
+            assert disk_dek(vm, env) != before_dek
+            with open(disk, "rb") as f:
+                assert_old_dek_decrypts_nothing(before_dek, backing, f.read(), "disk-flat.vmdk")
+    finally:
+        env.run("umount", mnt, check=False)
