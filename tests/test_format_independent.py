@@ -259,7 +259,8 @@ def entry_dek(entry: dict, key_files: dict[str, bytes]) -> bytes:
 
 
 def read_in_flight(folder: str, name: str, key_files: dict[str, bytes]) -> bytes:
-    """7.8 "Reading a sector": below the boundary under `to`, in a valid sidecar's region from it under `from`, else under `from`."""
+    """7.8 "Reading a sector": below the boundary (or all of a finished file) under `to`, in a valid sidecar's region
+    from it under `from`, else under `from`."""
     doc = folder_keys(folder)
     st = parse_in_flight(doc)
     fs = next(f for f in st["files"] if f["name"] == name)
@@ -271,9 +272,10 @@ def read_in_flight(folder: str, name: str, key_files: dict[str, bytes]) -> bytes
                 raise Refused("a descriptor keys a file of the operation")
     with open(os.path.join(folder, name), "rb") as f:
         backing = f.read()
-    if len(backing) != fs["size"]:
-        raise Refused("the file's size is not the state's")
-    b = fs["boundary"]
+    if len(backing) < fs["size"]:
+        raise Refused("the file is shorter than the state's size")
+    # a finished file is all under `to`, bytes past `size` included (it may grow online)
+    b = len(backing) if fs["boundary"] == fs["size"] else fs["boundary"]
     saved = valid_sidecar(folder, st, fs)
     deks = {side: entry_dek(fs[side], key_files) if fs[side] is not None else None for side in ("from", "to")}
     out = bytearray()

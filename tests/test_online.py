@@ -9,6 +9,7 @@ sector. The mount is SIGKILLed at exact points (its engine stops itself there: t
 stop points of ops/reencrypt.py) and mounted again, which resumes the operation.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -235,5 +236,43 @@ def test_a_mount_killed_during_an_online_operation_loses_nothing_and_the_next_mo
             assert disk_dek(vm, env) != before_dek
             with open(disk, "rb") as f:
                 assert_old_dek_decrypts_nothing(before_dek, backing, f.read(), "disk-flat.vmdk")
+    finally:
+        env.run("umount", mnt, check=False)
+
+
+def _ops(env) -> list[dict]:
+    return json.loads(env.run("operations", "--json").stdout)["operations"]
+
+
+@pytest.mark.cli
+@pytest.mark.fuse
+def test_status_pause_resume_and_rate_of_an_online_deep_rekey(online_env):
+    env = online_env
+    vm, files = make_vm(env.ds)
+    env.run("encrypt", vm)
+    mnt = _mount(env)
+    try:
+        folder = os.path.join(mnt, "vm1")
+        env.run("rekey", "--deep", "--background", "--rate", "1M", folder)  # 32 MiB at 1 MiB/s: half a minute
+        env.run("pause", folder)
+        (op,) = _ops(env)
+        assert (op["op"], op["state"], op["rate"], op["folder"]) == ("rekey", "paused", 1 << 20, os.path.realpath(vm))
+        done = op["done_bytes"]
+        status = env.run("status").stdout.decode()
+        assert f"online deep rekey of {os.path.realpath(vm)}: paused" in status, status
+        assert json.loads(env.run("status", "--json").stdout)["operations"][0]["state"] == "paused"
+        refused = env.run("rekey", "--deep", folder, check=False)
+        assert refused.returncode != 0 and b"runs there already" in refused.stderr
+        env.run("resume", "--rate", "1G", folder)
+        deadline = time.monotonic() + 300
+        while (op := _ops(env)[0])["state"] != "done":
+            assert op["state"] in ("running", "paused") and time.monotonic() < deadline, op
+            time.sleep(0.1)
+        assert op["done_bytes"] > done and op["percent"] == 100.0
+        assert state(vm) is None
+        with open(os.path.join(folder, "disk-flat.vmdk"), "rb") as f:
+            assert f.read() == files["disk-flat.vmdk"]
+        not_mounted = env.run("pause", vm + "-none", check=False)
+        assert not_mounted.returncode != 0
     finally:
         env.run("umount", mnt, check=False)

@@ -8,6 +8,7 @@ from ..agent import protocol as p
 from ..agent.client import AgentClient
 from ..agent.launcher import agent_socket, spawn_agent
 from ..errors import AgentError, ExitCode
+from .online import all_operations, echo_operations
 from .common import Group, emit_json, note, pass_ctx, running_agent, warn
 
 
@@ -85,6 +86,7 @@ def status_json(c, client: AgentClient) -> dict:
         "locked": [{"provider": e["provider"], "keyId": e["keyId"], "disks": e["disks"], "error": e["error"],
                     "revoked": e["revoked"], "since": e["since"], "last_try": e["last_try"]} for e in locked],
         "warnings": st["warnings"],
+        "operations": all_operations(),  # online encrypt/decrypt/rekey --deep in the mounts (issue 10)
     }
 
 
@@ -106,6 +108,7 @@ def _echo_status(c, client: AgentClient) -> list[dict]:
         when = time.strftime("%H:%M:%S", time.localtime(entry["last_try"]))
         click.echo(f"LOCKED key {entry['keyId']} of provider {entry['provider']}: {disks}")
         click.echo(f"  last try {when}: {entry['error']}")
+    echo_operations(all_operations())
     for w in st["warnings"]:
         warn(w)
     return locked

@@ -67,7 +67,7 @@ def wait(datastore: str, folder: str, op: str) -> dict:
     shown = 0
     bar = None
     try:
-        while st is not None and st["state"] in ("starting", "running"):
+        while st is not None and st["state"] in ("starting", "running", "paused"):
             if bar is None and st["total_bytes"]:
                 bar = progress(st["total_bytes"], LABEL[op] + " (online)")
                 bar.__enter__()
@@ -111,7 +111,7 @@ def all_operations() -> list[dict]:
 def echo_operations(ops: list[dict]) -> None:
     for o in ops:
         what = f"  online {'deep rekey' if o['op'] == 'rekey' else o['op']} of {o['folder']}: {o['state']}"
-        if o["state"] in ("running", "starting"):
+        if o["state"] in ("running", "starting", "paused"):
             what += (f", {o['percent']:.1f} % of {o['total_bytes'] / 1e6:.1f} MB, file {o['file']}, "
                      f"{o['bytes_per_s'] / 1e6:.1f} MB/s, ETA {o['eta_s']:.0f} s")
             if o.get("rate"):

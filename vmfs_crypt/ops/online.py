@@ -92,7 +92,8 @@ class OnlineOp:
         elapsed = max(now - self.started, 1e-6)
         speed = self.done_bytes / elapsed
         left = max(self.total_bytes - self.done_bytes, 0)
-        return {"folder": self.path, "path": self.rel, "op": self.op, "state": self.state, "file": self.file,
+        shown = "paused" if self.state in ("starting", "running") and not self._go.is_set() else self.state
+        return {"folder": self.path, "path": self.rel, "op": self.op, "state": shown, "file": self.file,
                 "done_bytes": self.done_bytes, "total_bytes": self.total_bytes,
                 "percent": round(100.0 * self.done_bytes / self.total_bytes, 1) if self.total_bytes else 100.0,
                 "bytes_per_s": round(speed), "eta_s": round(left / speed, 1) if speed > 0 and left else 0.0,
@@ -429,7 +430,7 @@ class ControlServer:
             return self._start(req)
         if cmd in ("pause", "resume", "rate"):
             op = self.ops.get(self._folder(req.get("folder"))[0])
-            if op is None or op.state not in ("running", "starting"):
+            if op is None or op.state not in ("running", "starting"):  # (a paused one is running)
                 return {"ok": False, "error": f"{req.get('folder')}: no online operation runs there"}
             if cmd == "pause":
                 op.pause()
