@@ -276,3 +276,45 @@ def test_status_pause_resume_and_rate_of_an_online_deep_rekey(online_env):
         assert not_mounted.returncode != 0
     finally:
         env.run("umount", mnt, check=False)
+
+
+@pytest.mark.cli
+@pytest.mark.fuse
+def test_a_file_created_through_the_mount_during_an_offline_rekey_keeps_its_key(venv_env):
+    """The mount's key-file updates and an offline commit take the folder's lock (found by issue 10's kill tests:
+    a new file's key entry, added between the rekey's read of the key file and its commit, was overwritten)."""
+    from support.env import VmfsEnv  # noqa: F401 (the fixture's type)
+    env = venv_env
+    vm = os.path.join(env.ds, "vm1")
+    os.makedirs(vm)
+    with open(os.path.join(vm, "vm1.nvram"), "wb") as f:
+        f.write(b"n" * 4096)
+    env.run("encrypt", vm)
+    mnt = _mount(env)
+    stopper = os.path.join(os.path.dirname(__file__), "support", "stopper.py")
+    try:
+        rekey = subprocess.Popen([sys.executable, stopper, "1", "rekey", vm], env=env.env, cwd=env.base,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # stops before its journal
+        deadline = time.monotonic() + 60
+        while not _stopped(rekey.pid):
+            assert rekey.poll() is None and time.monotonic() < deadline, rekey.stderr.read()
+            time.sleep(0.01)
+        created = True
+        try:
+            with open(os.path.join(mnt, "vm1", "new.bin"), "wb") as f:
+                f.write(b"precious data " * 100)
+        except OSError as exc:
+            assert exc.errno == 16  # EBUSY: the rekey holds the folder; nothing was made
+            created = False
+        os.kill(rekey.pid, signal.SIGCONT)
+        _, err = rekey.communicate(timeout=60)
+        assert rekey.returncode == 0, err
+        if not created:
+            assert not os.path.exists(os.path.join(vm, "new.bin")) or os.path.getsize(os.path.join(vm, "new.bin")) == 0
+            with open(os.path.join(mnt, "vm1", "new.bin"), "wb") as f:  # the folder is free again
+                f.write(b"precious data " * 100)
+        with open(os.path.join(mnt, "vm1", "new.bin"), "rb") as f:
+            assert f.read() == b"precious data " * 100
+    finally:
+        env.run("umount", mnt, check=False)
+    assert env.run("cat", os.path.join(vm, "new.bin")).stdout == b"precious data " * 100

@@ -18,6 +18,7 @@ in the folder key file, and a descriptor-keyed flat extent changes size only tog
 its extent line (case 9).
 """
 
+import contextlib
 import errno
 import logging
 import os
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 from ..agent.protocol import KeyAccess
 from ..crypto.sectors import SECTOR_SIZE
-from ..errors import DataError, FormatError, VmfsCryptError
+from ..errors import DataError, FormatError, InUseError, VmfsCryptError
 from ..format.atomicio import NotRegularFile, read_regular, write_atomic
 from ..format.descriptor import (DESCRIPTOR_MAGIC, DESCRIPTOR_MAX_SIZE, Extent, encryption_lines, extents,
                                  insert_encryption_lines, read_descriptor, read_key_record, set_extent_sectors,
@@ -37,6 +38,7 @@ from ..format.folder import (FOLDER_KEYS_MAX_SIZE, FOLDER_KEYS_NAME, FolderKeys,
                              check_extent_length, is_hidden_name)
 from ..format.keysafe import KeyRecord, KeyRef
 from ..format.kinds import FileKind, classify, classify_name
+from ..format.oplock import FolderOpLock
 from . import sectorio
 from .handles import DescriptorHandle, EncryptedHandle, Handle, PlainHandle
 from .keycache import DekCache
@@ -80,6 +82,9 @@ def _enoent() -> OSError:
     return OSError(errno.ENOENT, os.strerror(errno.ENOENT))
 
 
+KEYS_LOCK_WAIT_S = 10.0  # how long a key file update waits for an offline operation's commit, then EBUSY
+
+
 class VmfsCore:
     """Operations of the mount on the datastore at `root`."""
 
@@ -96,6 +101,7 @@ class VmfsCore:
         log.info("data path: %s", self.datapath.description)
         # Folders (by backing inode) that an online operation rewrites (ops/online.py, issue 10).
         self.online: dict[tuple[int, int], OnlineFolder] = {}
+        self._key_locks: dict[str, list] = {}  # folder -> [FolderOpLock, depth] (_keys_locked)
 
     def close(self) -> None:
         self.tree.close()
@@ -191,14 +197,55 @@ class VmfsCore:
             raise DataError(f"{what}: no key for this encrypted file in {FOLDER_KEYS_NAME} or a descriptor")
         return self._allocate_key(folder, name, what)
 
+    @contextlib.contextmanager
+    def _keys_locked(self, folder: VmFolder):
+        """Hold the folder's operation lock across a read-modify-write of its key file.
+
+        An offline operation (a shallow rekey while mounted) holds it from reading the key file
+        to its journal commit; without it, a key entry the mount added meanwhile was overwritten
+        by the commit and the new file's data was lost (found by issue 10's kill tests). The
+        caller holds `_meta_lock`, which makes this reentrant within the mount (a POSIX lock is
+        the process's: an inner release would drop the outer one). A folder under this mount's
+        own online operation is locked by that operation already.
+        """
+        if folder.allow_reencrypt:
+            yield
+            return
+        held = self._key_locks.get(folder.backing_dir)
+        if held is not None:
+            held[1] += 1
+            try:
+                yield
+            finally:
+                held[1] -= 1
+            return
+        lock = FolderOpLock(folder.backing_dir, "vmfs-crypt mount (a key file update)")
+        deadline = time.monotonic() + KEYS_LOCK_WAIT_S
+        while True:
+            try:
+                lock.acquire()
+                break
+            except InUseError as exc:
+                if time.monotonic() >= deadline:
+                    log.warning("%s", exc)
+                    raise OSError(errno.EBUSY, "another vmfs-crypt operation changes this folder") from None
+                time.sleep(0.02)  # an offline commit takes milliseconds; the lock cannot be waited on (lockf NB)
+        self._key_locks[folder.backing_dir] = [lock, 1]
+        try:
+            yield
+        finally:
+            del self._key_locks[folder.backing_dir]
+            lock.release()
+
     def _allocate_key(self, folder: VmFolder, name: str, what: str) -> tuple[KeyRecord, bytes]:
         """A new DEK for `name`, recorded in the folder key file (and no descriptor keys `name` any more)."""
-        keys = folder.load_keys()
-        record, dek = self.keys.new_file_key(keys.kek)
-        self._unkey_name(folder, name, os.path.dirname(what))
-        keys.files[name] = record
-        folder.save_keys(keys)
-        return record, dek
+        with self._keys_locked(folder):
+            keys = folder.load_keys()
+            record, dek = self.keys.new_file_key(keys.kek)
+            self._unkey_name(folder, name, os.path.dirname(what))
+            keys.files[name] = record
+            folder.save_keys(keys)
+            return record, dek
 
     def _unkey_name(self, folder: VmFolder, name: str, parent_rel: str) -> list[tuple[str, bytes, int]]:
         """Strip the key lines of every descriptor that keys `name`: a new file of that name is keyed elsewhere.
@@ -258,9 +305,10 @@ class VmfsCore:
                 return
         except FileNotFoundError:
             return
-        keys = folder.load_keys()
-        keys.files[extent] = record
-        folder.save_keys(keys)
+        with self._keys_locked(folder):
+            keys = folder.load_keys()
+            keys.files[extent] = record
+            folder.save_keys(keys)
         log.info("%s: the key of %s moved from the descriptor to %s", e.rel, extent, FOLDER_KEYS_NAME)
 
     def _descriptor_keys_at(self, e: Entry) -> tuple[list[bytes], bytes]:
@@ -504,7 +552,7 @@ class VmfsCore:
         with self.tree.entry(path) as e:
             self._refuse_online(e)
             kind, folder, state = self._kind(e)
-            with self._meta_lock:
+            with self._meta_lock, self._keys_locked(folder):
                 keys = None
                 if kind is FileKind.ENCRYPTED:
                     if state is FolderState.DAMAGED:
@@ -657,6 +705,11 @@ class VmfsCore:
             raise DataError(f"{eo.rel}: no key for this encrypted file")
         # the same folder? (its paths are /proc/self/fd paths of two descriptors: compare the directories)
         same = os.path.samestat(os.fstat(eo.dirfd), os.fstat(en.dirfd))
+        with self._keys_locked(dst), (contextlib.nullcontext() if same else self._keys_locked(src)):
+            self._move_key(eo, en, src, dst, same, record, flags)
+
+    def _move_key(self, eo: Entry, en: Entry, src: VmFolder, dst: VmFolder, same: bool, record: KeyRecord,
+                  flags: int) -> None:
         dst_keys = dst.load_keys()
         src_keys = dst_keys if same else src.load_keys()
         previous = dst_keys.files.get(en.name)
@@ -701,18 +754,19 @@ class VmfsCore:
                 record = src.key_record_for(es.name)
                 if record is None:
                     raise DataError(f"{es.rel}: no key for this encrypted file")
-                keys = dst.load_keys()
-                dst_parent = os.path.dirname(et.rel)
-                stripped = self._unkey_name(dst, et.name, dst_parent)  # (a descriptor of a removed extent)
-                keys.files[et.name] = record
-                try:
-                    dst.save_keys(keys)
-                    os.link(es.at, et.at, src_dir_fd=es.dirfd, dst_dir_fd=et.dirfd, follow_symlinks=False)
-                except BaseException:
-                    keys.files.pop(et.name, None)
-                    dst.save_keys(keys)
-                    self._restore_descriptors(stripped, dst_parent)
-                    raise
+                with self._keys_locked(dst):
+                    keys = dst.load_keys()
+                    dst_parent = os.path.dirname(et.rel)
+                    stripped = self._unkey_name(dst, et.name, dst_parent)  # (a descriptor of a removed extent)
+                    keys.files[et.name] = record
+                    try:
+                        dst.save_keys(keys)
+                        os.link(es.at, et.at, src_dir_fd=es.dirfd, dst_dir_fd=et.dirfd, follow_symlinks=False)
+                    except BaseException:
+                        keys.files.pop(et.name, None)
+                        dst.save_keys(keys)
+                        self._restore_descriptors(stripped, dst_parent)
+                        raise
 
     # -- opening -------------------------------------------------------------------------
     @staticmethod
@@ -856,12 +910,13 @@ class VmfsCore:
                     except FileExistsError:  # made at rest just now: it keeps its key
                         exists = True
                         if new_key is not None:
-                            keys = folder.load_keys()
-                            if previous is None:
-                                keys.files.pop(e.name, None)
-                            else:
-                                keys.files[e.name] = previous
-                            folder.save_keys(keys)
+                            with self._keys_locked(folder):
+                                keys = folder.load_keys()
+                                if previous is None:
+                                    keys.files.pop(e.name, None)
+                                else:
+                                    keys.files[e.name] = previous
+                                folder.save_keys(keys)
                 if exists and flags & os.O_EXCL:
                     raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
             if exists:
@@ -980,9 +1035,10 @@ class VmfsCore:
                 return handle
             with self.tree.entry(handle.rel) as e:
                 folder = self.folder_of(e)
-                keys = folder.load_keys()
-                if keys.files.pop(e.name, None) is not None:
-                    folder.save_keys(keys)
+                with self._keys_locked(folder):
+                    keys = folder.load_keys()
+                    if keys.files.pop(e.name, None) is not None:
+                        folder.save_keys(keys)
                 st = os.fstat(handle.fd)
                 desc = DescriptorFile(e.rel, bytearray(), [], stat.S_IMODE(st.st_mode))
                 desc.opens = 1
@@ -1096,19 +1152,20 @@ class VmfsCore:
         if found is not None:
             # Its key goes to the folder key file first, then leaves the descriptor: at every
             # step some place holds the key the sectors are under.
-            keys = folder.load_keys()
-            previous = keys.files.get(e.name)
-            keys.files[e.name] = found[1]
-            folder.save_keys(keys)
-            try:
-                self._unkey_name(folder, e.name, parent)
-            except BaseException:
-                if previous is None:
-                    keys.files.pop(e.name, None)
-                else:
-                    keys.files[e.name] = previous
+            with self._keys_locked(folder):
+                keys = folder.load_keys()
+                previous = keys.files.get(e.name)
+                keys.files[e.name] = found[1]
                 folder.save_keys(keys)
-                raise
+                try:
+                    self._unkey_name(folder, e.name, parent)
+                except BaseException:
+                    if previous is None:
+                        keys.files.pop(e.name, None)
+                    else:
+                        keys.files[e.name] = previous
+                    folder.save_keys(keys)
+                    raise
         handle.truncate(0)
         if shared.opens != 1 or os.fstat(handle.fd).st_nlink != 1:
             return  # another handle or another name (with its own key entry) shares this key: keep it

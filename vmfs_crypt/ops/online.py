@@ -30,6 +30,7 @@ from ..format.folder import FolderKeys, VmFolder
 from ..format.inventory import folder_files
 from ..format.reencrypt import read_region, remove_region, write_region
 from ..fs import online as held_files
+from ..fs.dslock import lock_info
 from ..fs.mounts import vmfs_mounts
 from ..runtime import ensure_runtime_dir, runtime_dir
 from ..sysutil import peer_credentials
@@ -501,6 +502,12 @@ def request(datastore: str, req: dict, timeout_s: float = 30.0) -> dict | None:
         peer = peer_credentials(sock)
         if peer.uid not in (os.geteuid(), 0):
             raise InUseError(f"{path} is served by uid {peer.uid}, not by you or root: refusing to use it")
+        # Fail closed: the socket must be served by the process that holds the datastore's mount lock.
+        holder = lock_info(datastore).get("pid")
+        if not isinstance(holder, int) or holder != peer.pid:
+            raise InUseError(f"{datastore} is mounted by a process you cannot identify (its mount lock names "
+                             f"{'pid ' + str(holder) if isinstance(holder, int) else 'no process'}, the control "
+                             f"socket is served by pid {peer.pid}): unmount it and mount it again")
         sock.sendall(json.dumps(req).encode() + b"\n")
         line = sock.makefile("rb").readline(1 << 20)
     finally:
