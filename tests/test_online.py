@@ -240,6 +240,40 @@ def test_a_mount_killed_during_an_online_operation_loses_nothing_and_the_next_mo
         env.run("umount", mnt, check=False)
 
 
+@pytest.mark.cli
+@pytest.mark.fuse
+def test_an_online_operation_rewrites_regions_of_the_online_size(venv_env):
+    """Online regions are ONLINE_REGION_SIZE (4 MiB), not the offline 64 MiB: the file is locked for a region's
+    rewrite and a guest waits that long (make bench, online: 64 MiB regions left fio 14 IOPS, 4 MiB 97)."""
+    from vmfs_crypt.ops.online import ONLINE_REGION_SIZE
+
+    env = venv_env
+    env.env.pop("VMFS_CRYPT_REGION_SIZE", None)
+    vm, files = make_vm(env.ds)
+    env.run("encrypt", vm)
+    mnt = _mount(env, {"VMFS_CRYPT_TEST_STOP_AFTER_REGIONS": "1"})
+    pid = _mount_pid(mnt)
+    try:
+        env.run("rekey", "--deep", "--background", os.path.join(mnt, "vm1"))
+        deadline = time.monotonic() + 300
+        while not _stopped(pid):  # the engine stops the mount once its first region is committed
+            assert time.monotonic() < deadline, env.mount_logs()
+            time.sleep(0.05)
+        mid = state(vm)
+        assert mid["regionSize"] == ONLINE_REGION_SIZE < DISK
+        assert [f["boundary"] for f in mid["files"] if f["name"] == "disk-flat.vmdk"] == [ONLINE_REGION_SIZE]
+    finally:
+        os.kill(pid, signal.SIGKILL)  # stopped by the engine (or not): never left behind
+        subprocess.run(["fusermount", "-uz", mnt], capture_output=True)
+    mnt = _mount(env)  # resumes the operation (in regions of the size recorded at rest) before it serves
+    try:
+        assert state(vm) is None
+        with open(os.path.join(mnt, "vm1", "disk-flat.vmdk"), "rb") as f:
+            assert f.read() == files["disk-flat.vmdk"]
+    finally:
+        env.run("umount", mnt, check=False)
+
+
 def _ops(env) -> list[dict]:
     return json.loads(env.run("operations", "--json").stdout)["operations"]
 

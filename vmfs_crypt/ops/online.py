@@ -150,7 +150,8 @@ class OnlineOp:
                     if current is None:  # recorded at rest only now: every file is served under its split
                         kek, base, entries, strip = start_args
                         with self._descriptor_locks(strip), mark.gate:
-                            current = reencrypt.start(tx, self.op, kek, base, entries, strip)
+                            current = reencrypt.start(tx, self.op, kek, base, entries, strip,
+                                                      reencrypt.region_size(ONLINE_REGION_SIZE))
                     state = current.reencrypt
                     self._rewrite(folder, current, held)
                     if self._stop.is_set():

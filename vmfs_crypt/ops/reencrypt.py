@@ -51,10 +51,11 @@ def _stop_here() -> None:
     os.kill(os.getpid(), signal.SIGSTOP)
 
 
-def region_size() -> int:
+def region_size(default: int = DEFAULT_REGION_SIZE) -> int:
+    """Bytes per region of a new operation: VMFS_CRYPT_REGION_SIZE when set, else `default`."""
     raw = os.environ.get(REGION_ENV)
     if not raw:
-        return DEFAULT_REGION_SIZE
+        return default
     try:
         value = int(raw)
     except ValueError:
@@ -66,8 +67,10 @@ def region_size() -> int:
 
 
 def start(tx: FolderTransaction, op: str, kek: KeyRef | None, base: FolderKeys, entries: list[ReencryptFile],
-          strip: list[str]) -> FolderKeys | None:
+          strip: list[str], region: int | None = None) -> FolderKeys | None:
     """Record the operation: the key file gets the state (and every `from` record), keyed descriptors lose their lines.
+
+    `region`: bytes per region (default: `region_size()`).
 
     One journal commit, so that afterwards each file of the operation is keyed only by the
     state, which readers that do not know it refuse (FORMAT.md 7.8).
@@ -81,7 +84,7 @@ def start(tx: FolderTransaction, op: str, kek: KeyRef | None, base: FolderKeys, 
     for f in entries:
         if f.frm is not None:
             files[f.name] = f.frm
-    keys = FolderKeys(base.kek, files, ReencryptState(op, region_size(), kek, entries))
+    keys = FolderKeys(base.kek, files, ReencryptState(op, region or region_size(), kek, entries))
     for name in strip:
         tx.stage_descriptor(name, None)
     tx.commit(keys)
