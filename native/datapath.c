@@ -34,6 +34,10 @@ struct vc_file {
     pthread_cond_t cv;
     unsigned readers, writers_waiting;
     int writer;
+    /* The hot zone (issue 10): bytes [hot_lo, hot_hi) an online re-encryption rewrites
+     * without holding the lock; data-path I/O touching one of its sectors waits (the
+     * *_span lock functions). hot_hi == 0: none. Changed under the write lock only. */
+    uint64_t hot_lo, hot_hi;
     pthread_mutex_t name_mu;
     char *name;
 };
@@ -154,10 +158,29 @@ size_t vc_file_name(vc_file *f, char *buf, size_t n)
     return len;
 }
 
+/* Does I/O of `size` bytes at `off` touch a sector of the hot zone? Caller holds mu. */
+static int hot_touches(const vc_file *f, uint64_t off, uint64_t size)
+{
+    if (f->hot_hi == 0)
+        return 0;
+    /* off + size - 1 cannot wrap: callers pass off <= INT64_MAX and size <= SSIZE_MAX. */
+    const uint64_t last = size ? off + size - 1 : off;
+    return off / SECTOR <= (f->hot_hi - 1) / SECTOR && last / SECTOR >= f->hot_lo / SECTOR;
+}
+
 void vc_file_lock_read(vc_file *f)
 {
     VC_MUST(pthread_mutex_lock(&f->mu));
     while (f->writer || f->writers_waiting)
+        VC_MUST(pthread_cond_wait(&f->cv, &f->mu));
+    f->readers++;
+    VC_MUST(pthread_mutex_unlock(&f->mu));
+}
+
+void vc_file_lock_read_span(vc_file *f, uint64_t off, uint64_t size)
+{
+    VC_MUST(pthread_mutex_lock(&f->mu));
+    while (f->writer || f->writers_waiting || hot_touches(f, off, size))
         VC_MUST(pthread_cond_wait(&f->cv, &f->mu));
     f->readers++;
     VC_MUST(pthread_mutex_unlock(&f->mu));
@@ -175,13 +198,38 @@ int vc_file_unlock_read(vc_file *f)
     return rc;
 }
 
-void vc_file_lock_write(vc_file *f)
+/* Caller holds mu; returns with mu held and the write lock taken. */
+static void take_write(vc_file *f)
 {
-    VC_MUST(pthread_mutex_lock(&f->mu));
     f->writers_waiting++;
     while (f->writer || f->readers)
         VC_MUST(pthread_cond_wait(&f->cv, &f->mu));
     f->writers_waiting--;
+}
+
+void vc_file_lock_write(vc_file *f)
+{
+    VC_MUST(pthread_mutex_lock(&f->mu));
+    take_write(f);
+    f->writer = 1;
+    VC_MUST(pthread_mutex_unlock(&f->mu));
+}
+
+void vc_file_lock_write_span(vc_file *f, uint64_t off, uint64_t size)
+{
+    VC_MUST(pthread_mutex_lock(&f->mu));
+    for (;;) {
+        /* Waiting for the hot zone does not count as a waiting writer: readers elsewhere
+         * in the file go on meanwhile (the point of the zone). */
+        while (hot_touches(f, off, size))
+            VC_MUST(pthread_cond_wait(&f->cv, &f->mu));
+        take_write(f);
+        if (!hot_touches(f, off, size))
+            break;
+        /* The operation set a zone here while this writer waited for the lock. */
+        if (f->writers_waiting == 0)
+            VC_MUST(pthread_cond_broadcast(&f->cv));
+    }
     f->writer = 1;
     VC_MUST(pthread_mutex_unlock(&f->mu));
 }
@@ -195,6 +243,36 @@ int vc_file_unlock_write(vc_file *f)
     } else {
         f->writer = 0;
         VC_MUST(pthread_cond_broadcast(&f->cv));
+    }
+    VC_MUST(pthread_mutex_unlock(&f->mu));
+    return rc;
+}
+
+int vc_file_set_hot(vc_file *f, uint64_t lo, uint64_t hi)
+{
+    if (hi <= lo || lo % SECTOR != 0)
+        return -EINVAL;
+    int rc = 0;
+    VC_MUST(pthread_mutex_lock(&f->mu));
+    if (!f->writer) {
+        rc = -EPERM;
+    } else {
+        f->hot_lo = lo;
+        f->hot_hi = hi;
+    }
+    VC_MUST(pthread_mutex_unlock(&f->mu));
+    return rc;
+}
+
+int vc_file_clear_hot(vc_file *f)
+{
+    int rc = 0;
+    VC_MUST(pthread_mutex_lock(&f->mu));
+    if (!f->writer) {
+        rc = -EPERM;
+    } else {
+        f->hot_lo = 0;
+        f->hot_hi = 0; /* the waiters wake at the release of the write lock */
     }
     VC_MUST(pthread_mutex_unlock(&f->mu));
     return rc;
@@ -522,7 +600,7 @@ ssize_t vc_file_read(vc_file *f, int fd, void *buf, size_t size, int64_t off)
     struct fault ft = {0};
     /* Plain files take the read lock too: an online encrypt gives one a cipher under the
      * write lock, and no plain read may still be running then (issue 10). */
-    vc_file_lock_read(f);
+    vc_file_lock_read_span(f, (uint64_t)off, (uint64_t)size);
     ssize_t r;
     if (vc_file_revoked(f))
         r = -EACCES;
@@ -800,7 +878,7 @@ ssize_t vc_file_write(vc_file *f, int fd, const void *buf, size_t size, int64_t 
         return 0;
     if ((uint64_t)size > (uint64_t)INT64_MAX - (uint64_t)off)
         return -EFBIG;
-    vc_file_lock_read(f); /* as in vc_file_read: a plain file may get a cipher (issue 10) */
+    vc_file_lock_read_span(f, (uint64_t)off, (uint64_t)size); /* as in vc_file_read: a plain file may get a cipher (issue 10) */
     if (f->cipher == NULL) {
         const ssize_t pr = vc_file_revoked(f) ? -EACCES : plain_write(fd, buf, size, (uint64_t)off);
         VC_MUST(vc_file_unlock_read(f));
@@ -808,7 +886,7 @@ ssize_t vc_file_write(vc_file *f, int fd, const void *buf, size_t size, int64_t 
     }
     VC_MUST(vc_file_unlock_read(f)); /* a cipher, once set, is never taken away */
     struct fault ft = {0};
-    vc_file_lock_write(f);
+    vc_file_lock_write_span(f, (uint64_t)off, (uint64_t)size);
     ssize_t r = vc_file_revoked(f) ? -EACCES : write_locked(f, fd, buf, size, (uint64_t)off, &ft);
     VC_MUST(vc_file_unlock_write(f));
     if (r == -EIO && !ft.set)

@@ -25,9 +25,9 @@
  *  - a revoked file refuses reads and writes with -EACCES.
  *
  * Locking: each file state has a reader/writer lock (many readers or one writer; a waiting
- * writer holds off new readers; not recursive). Encrypted reads take it shared, encrypted
- * writes exclusive; plain files are not locked (as in fs.py). Code outside (Python's
- * truncate/fallocate) takes the same lock through vc_file_lock_*.
+ * writer holds off new readers; not recursive). Reads and plain writes take it shared (an
+ * online encrypt may give a plain file a cipher), encrypted writes exclusive. Code outside
+ * (Python's truncate/fallocate, the online operation) takes the same lock through vc_file_lock_*.
  *
  * All functions return >= 0 or a negative errno. No Python here.
  */
@@ -64,6 +64,15 @@ void vc_file_lock_read(vc_file *f);
 int vc_file_unlock_read(vc_file *f); /* -EPERM if no reader holds it */
 void vc_file_lock_write(vc_file *f);
 int vc_file_unlock_write(vc_file *f); /* -EPERM if no writer holds it */
+/* The hot zone of an online re-encryption (issue 10): while set, the *_span functions (the
+ * data path's: vc_file_read/write take them) wait as long as the request touches a sector
+ * of bytes [lo, hi); the plain lock functions ignore it (the operation itself, and
+ * control-plane code). Set and cleared by the holder of the write lock (-EPERM otherwise);
+ * -EINVAL unless lo < hi and lo is a sector boundary. Waiters wake at the write unlock. */
+void vc_file_lock_read_span(vc_file *f, uint64_t off, uint64_t size);
+void vc_file_lock_write_span(vc_file *f, uint64_t off, uint64_t size);
+int vc_file_set_hot(vc_file *f, uint64_t lo, uint64_t hi);
+int vc_file_clear_hot(vc_file *f);
 
 /* The data path on a file and a descriptor (the handle functions below call these). */
 ssize_t vc_file_read(vc_file *f, int fd, void *buf, size_t size, int64_t off);

@@ -317,6 +317,63 @@ static PyObject *FileState_release_write(FileStateObject *self, PyObject *unused
     Py_RETURN_NONE;
 }
 
+static PyObject *FileState_acquire_read_span(FileStateObject *self, PyObject *args)
+{
+    unsigned long long off, size;
+    if (!PyArg_ParseTuple(args, "KK:acquire_read_span", &off, &size))
+        return NULL;
+    if (off > (unsigned long long)INT64_MAX || size > (unsigned long long)SSIZE_MAX) {
+        PyErr_SetString(PyExc_ValueError, "offset or size out of range");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    vc_file_lock_read_span(self->f, (uint64_t)off, (uint64_t)size);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *FileState_acquire_write_span(FileStateObject *self, PyObject *args)
+{
+    unsigned long long off, size;
+    if (!PyArg_ParseTuple(args, "KK:acquire_write_span", &off, &size))
+        return NULL;
+    if (off > (unsigned long long)INT64_MAX || size > (unsigned long long)SSIZE_MAX) {
+        PyErr_SetString(PyExc_ValueError, "offset or size out of range");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    vc_file_lock_write_span(self->f, (uint64_t)off, (uint64_t)size);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *FileState_set_hot(FileStateObject *self, PyObject *args)
+{
+    unsigned long long lo, hi;
+    if (!PyArg_ParseTuple(args, "KK:set_hot", &lo, &hi))
+        return NULL;
+    const int rc = vc_file_set_hot(self->f, (uint64_t)lo, (uint64_t)hi);
+    if (rc == -EPERM) {
+        PyErr_SetString(PyExc_RuntimeError, "set_hot() needs the write lock held");
+        return NULL;
+    }
+    if (rc != 0) {
+        PyErr_SetString(PyExc_ValueError, "set_hot(lo, hi) needs lo < hi and lo at a sector boundary");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *FileState_clear_hot(FileStateObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (vc_file_clear_hot(self->f) != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "clear_hot() needs the write lock held");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *FileState_get_revoked(FileStateObject *self, void *closure)
 {
     (void)closure;
@@ -412,6 +469,14 @@ static PyMethodDef FileState_methods[] = {
     {"acquire_write", (PyCFunction)FileState_acquire_write, METH_NOARGS,
      "Take the file's lock exclusive (waits with the GIL released). Not recursive."},
     {"release_write", (PyCFunction)FileState_release_write, METH_NOARGS, NULL},
+    {"acquire_read_span", (PyCFunction)FileState_acquire_read_span, METH_VARARGS,
+     "acquire_read_span(offset, size): acquire_read, waiting also while the request touches the hot zone."},
+    {"acquire_write_span", (PyCFunction)FileState_acquire_write_span, METH_VARARGS,
+     "acquire_write_span(offset, size): acquire_write, waiting also while the request touches the hot zone."},
+    {"set_hot", (PyCFunction)FileState_set_hot, METH_VARARGS,
+     "set_hot(lo, hi): bytes [lo, hi) are rewritten by an online operation (issue 10); the caller holds the write lock."},
+    {"clear_hot", (PyCFunction)FileState_clear_hot, METH_NOARGS,
+     "No hot zone any more; its waiters go on when the caller releases the write lock."},
     {"set_cipher", (PyCFunction)FileState_set_cipher, METH_O,
      "Serve the file under another SectorCipher from now on; the caller holds the write lock."},
     {"__reduce__", SectorCipher_reduce, METH_NOARGS, NULL},

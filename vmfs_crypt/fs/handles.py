@@ -77,7 +77,7 @@ class PlainHandle(Handle):
 
     def read(self, size: int, offset: int) -> bytes:
         lock = self.file.lock
-        lock.acquire_read()
+        lock.acquire_read_span(offset, size)
         try:
             cipher = self.file.cipher
             if cipher is None:
@@ -88,7 +88,7 @@ class PlainHandle(Handle):
 
     def write(self, data, offset: int) -> int:
         lock = self.file.lock
-        lock.acquire_read()
+        lock.acquire_read_span(offset, len(data))
         try:
             if self.file.cipher is None:
                 stored, err = sectorio.pwrite_all(self.fd, data, offset)
@@ -97,7 +97,7 @@ class PlainHandle(Handle):
                 return stored
         finally:
             lock.release_read()
-        lock.acquire_write()  # a cipher, once given, stays until the handle is replaced
+        lock.acquire_write_span(offset, len(data))  # a cipher, once given, stays until the handle is replaced
         try:
             return sectorio.write(self.fd, self.file.cipher, data, offset, f"{self.rel}: {_where('write', offset)}")
         finally:
@@ -128,7 +128,7 @@ class EncryptedHandle(Handle):
     def read(self, size: int, offset: int) -> bytes:
         self._check("read")
         lock = self.file.lock
-        lock.acquire_read()
+        lock.acquire_read_span(offset, size)
         try:
             return sectorio.read(self.fd, self.file.cipher, size, offset, f"{self.rel}: {_where('read', offset)}")
         finally:
@@ -137,7 +137,7 @@ class EncryptedHandle(Handle):
     def write(self, data, offset: int) -> int:
         self._check("write")
         lock = self.file.lock
-        lock.acquire_write()
+        lock.acquire_write_span(offset, len(data))
         try:
             return sectorio.write(self.fd, self.file.cipher, data, offset, f"{self.rel}: {_where('write', offset)}")
         finally:

@@ -7,7 +7,8 @@ the operation is held in the open-file table for the whole run (its shared state
 inode, is what every handle of it uses, open before or during the operation), and served
 under a split key: sectors below the boundary under the new key, the rest under the old one
 (`crypto.xts.split_cipher`; None = plaintext). The key changes only under the file's write
-lock, which no read or write of it, native or Python, runs around.
+lock, which no read or write of it, native or Python, runs around; while a region is
+rewritten it is the lock's hot zone (fs/locks.py), which reads and writes touching it wait for.
 """
 
 import errno

@@ -6,9 +6,10 @@ request, and `status`, `pause`, `resume` and `--rate` talk to it too. The operat
 in-place algorithm of the offline commands (ops/reencrypt.py, FORMAT.md 7.8), with the
 same state at rest, so a SIGKILL of the mount leaves a folder the next mount resumes. What
 differs online: every file of the operation is served under a split key (fs/online.py) whose
-boundary follows the rewrite; each region is rewritten with the file's write lock held, so no
-guest read or write of the file runs meanwhile and none is lost (a guest write lands before
-the region is read, or after it is rewritten, under the key of its side of the boundary);
+boundary follows the rewrite; each region is the file's hot zone while it is rewritten (set
+and cleared under the file's write lock): guest I/O touching it waits, the rest of the file
+is served meanwhile, and no write is lost (a guest write to the region lands before it is
+read, or after it is rewritten, under the key of its side of the boundary);
 the folder's names do not change while it runs; and every key goes to the folder key file
 (open descriptor views are not rewritten).
 """
@@ -31,6 +32,7 @@ from ..format.inventory import folder_files
 from ..format.reencrypt import read_region, remove_region, write_region
 from ..fs import online as held_files
 from ..fs.dslock import lock_info
+from ..fs.locks import HOT_TO_END
 from ..fs.mounts import vmfs_mounts
 from ..runtime import ensure_runtime_dir, runtime_dir
 from ..sysutil import peer_credentials
@@ -290,22 +292,40 @@ class OnlineOp:
                     began = time.monotonic()
                     lock.acquire_write()
                     try:
-                        n = self._region(fd, d, current, f, h, what)
+                        span = self._zone(fd, f, lock, what, state.region_size)
                     finally:
                         lock.release_write()
-                    if n is None:
+                    if span is None:
                         break
-                    self.done_bytes += n
+                    done = False
+                    try:
+                        self._region(fd, d, current, f, h, what, *span)
+                        done = True
+                    finally:
+                        lock.acquire_write()
+                        try:
+                            if done:
+                                h.set_boundary(self.core, None if f.done else f.boundary // SECTOR_SIZE)
+                            lock.clear_hot()
+                        finally:
+                            lock.release_write()
+                    reencrypt.after_region()
+                    self.done_bytes += span[1]
                     if self.rate:
-                        self._stop.wait(max(0.0, n / self.rate - (time.monotonic() - began)))
+                        self._stop.wait(max(0.0, span[1] / self.rate - (time.monotonic() - began)))
             finally:
                 os.close(fd)
             if self._stop.is_set():
                 return
 
-    def _region(self, fd: int, d: str, current: FolderKeys, f, h, what: str) -> int | None:
-        """Rewrite the region at the boundary (the caller holds the file's write lock); bytes done, None at the end."""
-        state = current.reencrypt
+    def _zone(self, fd: int, f, lock, what: str, region_size: int) -> tuple[int, int] | None:
+        """The region at the boundary, made the file's hot zone (the caller holds the write lock); None at the end.
+
+        Only guest I/O that touches the region waits while it is rewritten; the rest of the
+        file is served meanwhile (as dm-crypt's online reencrypt holds I/O to its hotzone
+        only). The last region's zone runs past the end: a write that grows the file touches
+        the short tail sector, which the rewrite may hold.
+        """
         size = os.fstat(fd).st_size
         if size < f.size:
             raise DataError(f"{what}: shrank to {size} bytes during the online {LABEL[self.op]}")
@@ -313,17 +333,24 @@ class OnlineOp:
             return None
         f.size = size  # a guest's writes past the end are under the old key, and are rewritten too
         off = f.boundary
-        n = min(state.region_size, f.size - off)
+        n = min(region_size, f.size - off)
+        lock.set_hot(off, off + n if off + n < f.size else HOT_TO_END)
+        return off, n
+
+    def _region(self, fd: int, d: str, current: FolderKeys, f, h, what: str, off: int, n: int) -> None:
+        """Rewrite the hot zone's region (no guest I/O touches it now) and move the boundary at rest."""
         old = reencrypt.read_exact(fd, n, off, what)
         write_region(d, f.name, off, old)
         stop_in = reencrypt.count_region()
         try:
             half = 0
-            if stop_in:  # test-only: a crash inside the region
+            if stop_in or reencrypt.HOLD_IN_ENV in os.environ:  # test-only: a crash, or a wait, inside the region
                 half = n // 2 // SECTOR_SIZE * SECTOR_SIZE
                 reencrypt.write_in_place(fd, off, old[:half], off // SECTOR_SIZE, h.frm, h.to, what)
                 os.fsync(fd)
-                reencrypt.stop_here()
+                if stop_in:
+                    reencrypt.stop_here()
+                reencrypt.hold_in_region()
             reencrypt.write_in_place(fd, off + half, old[half:], (off + half) // SECTOR_SIZE, h.frm, h.to, what)
             os.fsync(fd)
         except BaseException:
@@ -339,10 +366,7 @@ class OnlineOp:
                 h.shared.record = None
             raise
         f.boundary = off + n
-        VmFolder(d, self.path).save_keys(current)  # the boundary moves: the region is under the new key now
-        h.set_boundary(self.core, None if f.done else f.boundary // SECTOR_SIZE)
-        reencrypt.after_region()
-        return n
+        VmFolder(d, self.path).save_keys(current)  # the boundary moves at rest: the region is under the new key
 
 
 class ControlServer:
@@ -433,7 +457,9 @@ class ControlServer:
         if cmd in ("pause", "resume", "rate"):
             op = self.ops.get(self._folder(req.get("folder"))[0])
             if op is None or op.state not in ("running", "starting"):  # (a paused one is running)
-                return {"ok": False, "error": f"{req.get('folder')}: no online operation runs there"}
+                last = "" if op is None else f" (the last one, an online {LABEL[op.op]}, is {op.state}" + \
+                    (f": {op.error})" if op.error else ")")
+                return {"ok": False, "error": f"{req.get('folder')}: no online operation runs there{last}"}
             if cmd == "pause":
                 op.pause()
             elif cmd == "resume":

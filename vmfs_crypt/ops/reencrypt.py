@@ -35,6 +35,9 @@ ProgressFactory = Callable[[int, str], object]
 # a poller. Regions are counted from 1 in the order this process rewrites them.
 STOP_AFTER_ENV = "VMFS_CRYPT_TEST_STOP_AFTER_REGIONS"  # stop once the Nth region's boundary is committed
 STOP_IN_ENV = "VMFS_CRYPT_TEST_STOP_IN_REGION"  # stop in the Nth region: sidecar written, half of it rewritten
+# "N:FIFO": at the same point of the Nth online region, the engine thread alone waits until the
+# test has opened FIFO for writing and closed it; the mount serves meanwhile (the hot zone tests).
+HOLD_IN_ENV = "VMFS_CRYPT_TEST_HOLD_IN_REGION"
 
 
 def _stop_point(name: str) -> int | None:
@@ -44,6 +47,7 @@ def _stop_point(name: str) -> int | None:
 
 _STOP_AFTER = _stop_point(STOP_AFTER_ENV)
 _STOP_IN = _stop_point(STOP_IN_ENV)
+_HOLD_IN = os.environ.get(HOLD_IN_ENV, "").partition(":")
 _regions_started = 0
 
 
@@ -308,6 +312,14 @@ def count_region() -> bool:
     global _regions_started
     _regions_started += 1
     return _regions_started == _STOP_IN
+
+
+def hold_in_region() -> None:
+    """Test-only: in the region HOLD_IN_ENV names, wait for its FIFO's writer to come and go."""
+    number, _, fifo = _HOLD_IN
+    if fifo and number.isdigit() and _regions_started == int(number):
+        with open(fifo, "rb") as f:
+            f.read()
 
 
 def after_region() -> None:
