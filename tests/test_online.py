@@ -243,8 +243,8 @@ def test_a_mount_killed_during_an_online_operation_loses_nothing_and_the_next_mo
 @pytest.mark.cli
 @pytest.mark.fuse
 def test_an_online_operation_rewrites_regions_of_the_online_size(venv_env):
-    """Online regions are ONLINE_REGION_SIZE (4 MiB), not the offline 64 MiB: the file is locked for a region's
-    rewrite and a guest waits that long (make bench, online: 64 MiB regions left fio 14 IOPS, 4 MiB 97)."""
+    """Online regions are ONLINE_REGION_SIZE (1 MiB), not the offline 64 MiB: guest I/O into the region being
+    rewritten waits for it (make bench, online; docs/PERFORMANCE.md)."""
     from vmfs_crypt.ops.online import ONLINE_REGION_SIZE
 
     env = venv_env
