@@ -47,6 +47,10 @@ log = logging.getLogger("vmfs_crypt.online")
 # speed where 4 MiB did not (docs/PERFORMANCE.md, Online operations).
 ONLINE_REGION_SIZE = 1 << 20
 MAX_REQUEST = 64 * 1024
+# The engine's thread runs at this nice value: when the host's CPUs are contended, the guests'
+# I/O (served by libfuse's threads at the mount's own priority) goes first, and an idle host
+# still rewrites at full speed (issue 10: the load keeps its IOPS; docs/PERFORMANCE.md).
+ONLINE_NICE = 19
 LABEL = {"encrypt": "encrypt", "decrypt": "decrypt", "rekey": "deep rekey"}
 
 
@@ -106,6 +110,7 @@ class OnlineOp:
 
     # -- the operation ---------------------------------------------------------------------
     def _run(self) -> None:
+        _yield_cpu()
         try:
             self.state = "running"
             self._carry_out()
@@ -369,6 +374,16 @@ class OnlineOp:
             raise
         f.boundary = off + n
         VmFolder(d, self.path).save_keys(current)  # the boundary moves at rest: the region is under the new key
+
+
+def _yield_cpu() -> None:
+    """Lower the calling thread's priority to ONLINE_NICE (Linux: a thread's nice is its own; never raised)."""
+    tid = threading.get_native_id()
+    try:
+        if os.getpriority(os.PRIO_PROCESS, tid) < ONLINE_NICE:
+            os.setpriority(os.PRIO_PROCESS, tid, ONLINE_NICE)
+    except OSError as exc:  # a sandbox without setpriority: the operation runs at the mount's priority
+        log.warning("online operation runs at the mount's priority: setpriority failed (%s)", exc.strerror)
 
 
 class ControlServer:
