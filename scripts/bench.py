@@ -19,7 +19,10 @@ One run, in this order, every backing file on one fresh tmpfs:
    out, against QEMU's LUKS driver on the same tmpfs; interleaved rounds, medians.
 4. Offline `vmfs-crypt encrypt`, `rekey --deep`, `decrypt` of a VM folder (MB/s of allocated data).
 5. Peak RSS (VmHWM) of the mount process over 2-3 (target < 200 MB).
-6. Mount time of a datastore of 200 encrypted disks under a KMIP provider (scripts/kms_bench.py,
+6. Online operations (issue 10; scripts/bench_online.py): `rekey --deep` of a fully written disk
+   by the idle mount vs offline, and fio randrw 4 KiB IOPS through the mount with and without
+   an online deep rekey running (targets >= 0.5 each), with a crc32c verify of the writes.
+7. Mount time of a datastore of 200 encrypted disks under a KMIP provider (scripts/kms_bench.py,
    a local PyKMIP server; target < 2 s).
 Then one table of ratios per fio column, each target marked met or not: vmfs-enc / best of
 gocryptfs and securefs (>= 1.0, aim 1.5), vmfs-enc / bindfs (>= 0.8), vmfs-enc / vmfs-plain (>= 0.8).
@@ -48,15 +51,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_online import noisy_rounds, online_benchmark, summarize_online  # noqa: E402
 from benchlib import (  # noqa: E402
     CLI, GIB, MIB, PASSWORD, REPO, BindfsProvider, Cleanup, GocryptfsProvider, LoadMeter, RawProvider,
-    SecurefsProvider, VmfsCryptProvider, backing_fs, daemon_pids, ensure_tools, fio, fmt, fmt_size,
-    install_signal_handlers, load_line, log, mark, median_or_none, parse_size, ratio, run, start_providers,
-    tool_version, vm_hwm_mb,
+    SecurefsProvider, VmfsCryptProvider, allocated_bytes, backing_fs, daemon_pids, ensure_tools, fio, fmt, fmt_size,
+    install_signal_handlers, load_line, log, make_flat_folder, mark, median_or_none, parse_size, ratio, run,
+    start_providers, tool_version, vm_hwm_mb, write_pattern,
 )
 
 PROVIDERS = [RawProvider, GocryptfsProvider, SecurefsProvider, BindfsProvider, VmfsCryptProvider]
 TARGET_ORDER = ["vmfs-enc", "vmfs-plain", "gocryptfs", "securefs", "bindfs", "raw"]
+PARTS = ["micro", "fio", "checks", "convert", "offline", "online", "kmip"]
 RSS_LIMIT_MB = 200
 KMIP_MOUNT_LIMIT_S = 2.0
 # (name, numerator, denominators (best of), target, aim) - issue 13
@@ -214,15 +219,6 @@ def correctness(target, size: int) -> dict:
 
 
 # -- 3. qemu-img convert --------------------------------------------------------------------
-def write_pattern(path: str, size: int) -> None:
-    """A fully written file of non-zero, non-repeating-per-MiB data (no holes for qemu-img to skip)."""
-    block = bytearray(os.urandom(MIB))
-    with open(path, "wb") as f:
-        for i in range(size // MIB):
-            block[:8] = i.to_bytes(8, "little")
-            f.write(block)
-
-
 def convert_benchmark(vmfs: VmfsCryptProvider, backing: str, size: int, rounds: int) -> dict:
     """qemu-img convert into an encrypted VM folder of the mount and back out, vs QEMU's LUKS on the tmpfs."""
     d = os.path.join(backing, "convert")
@@ -287,22 +283,10 @@ def convert_benchmark(vmfs: VmfsCryptProvider, backing: str, size: int, rounds: 
 
 
 # -- 4. offline encrypt / rekey --deep / decrypt --------------------------------------------
-def allocated_bytes(folder: str) -> int:
-    total = 0
-    for name in os.listdir(folder):
-        st = os.lstat(os.path.join(folder, name))
-        if os.path.isfile(os.path.join(folder, name)):
-            total += st.st_blocks * 512
-    return total
-
-
 def offline_benchmark(vmfs: VmfsCryptProvider, backing: str, size: int, rounds: int) -> dict:
     """`vmfs-crypt encrypt`, `rekey --deep`, `decrypt` of a folder with one fully written disk, MB/s of allocated data."""
     folder = os.path.join(backing, "offline-ds", "offvm")
-    os.makedirs(folder)
-    disk = os.path.join(folder, "disk.vmdk")
-    run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", disk, str(size)])
-    write_pattern(os.path.join(folder, "disk-flat.vmdk"), size)
+    make_flat_folder(folder, size)
     ops = {"encrypt": ["encrypt", folder], "rekey --deep": ["rekey", "--deep", folder], "decrypt": ["decrypt", folder]}
     res: dict = {"size": size, "samples_MBps": {k: [] for k in ops}, "rounds": []}
     meter = LoadMeter(lambda: vmfs.pids())
@@ -423,6 +407,7 @@ def summarize(results: dict) -> None:
         summary["vmfs_peak_rss_MB"] = enc_rss
         summary["targets_met"]["mount peak RSS < 200 MB"] = enc_rss < RSS_LIMIT_MB
         log(f"  vmfs-crypt mount peak RSS < {RSS_LIMIT_MB} MB: {'ok' if enc_rss < RSS_LIMIT_MB else 'NO'} ({enc_rss} MB)")
+    summarize_online(results.get("online") or {}, summary)
     kmip = results.get("kmip_mount_200") or {}
     if "mount_s" in kmip:
         ok = kmip["mount_s"] < KMIP_MOUNT_LIMIT_S
@@ -439,6 +424,7 @@ def summarize(results: dict) -> None:
             f"({c.get('identical_in_backing')} of {c.get('plaintext_sectors_checked')} sectors identical)")
     noisy = [r for k in ("fio_rounds",) for r in results.get(k, []) if r.get("noisy")]
     noisy += [r for k in ("qemu_convert", "offline") for r in (results.get(k) or {}).get("rounds", []) if r.get("noisy")]
+    noisy += noisy_rounds(results.get("online") or {})
     if noisy:
         log(f"  WARNING: {len(noisy)} round(s) ran on a busy machine (see the load lines above): treat the "
             "figures as noise and rerun at a quiet moment")
@@ -452,11 +438,12 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, 2 s jobs, 256 MiB files")
     ap.add_argument("--rounds", "--reps", type=int, dest="rounds", help="interleaved rounds (default 3, quick 1)")
     ap.add_argument("--size", help="fio file size per target (default 512M, quick 256M)")
-    ap.add_argument("--convert-size", help="qemu-img convert and offline folder size (default 1G, quick 256M)")
+    ap.add_argument("--convert-size", help="qemu-img convert, offline folder and online disk size (default 1G, quick 256M)")
     ap.add_argument("--runtime", type=float, help="seconds per fio job (default 5, quick 2)")
     ap.add_argument("--ramp", type=float, help="fio ramp seconds before each job (default 1, quick 0.5)")
     ap.add_argument("--targets", help="comma-separated subset of: " + ",".join(TARGET_ORDER))
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: micro,fio,checks,convert,offline,kmip")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: " + ",".join(PARTS))
+    ap.add_argument("--only", help="comma-separated parts to run (the others are skipped): " + ",".join(PARTS))
     ap.add_argument("--no-fio", action="store_true", help="only the sector-cipher micro benchmark (= --skip all but micro)")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get install missing tools")
     ap.add_argument("--output", default=os.path.join(REPO, "bench-results", "latest.json"))
@@ -468,8 +455,13 @@ def main(argv=None) -> int:
     ramp = args.ramp if args.ramp is not None else (0.5 if args.quick else 1)
     wanted = set(args.targets.split(",")) if args.targets else None
     skip = set(filter(None, args.skip.split(",")))
+    if args.only:
+        skip |= set(PARTS) - set(filter(None, args.only.split(",")))
     if args.no_fio:
-        skip |= {"fio", "checks", "convert", "offline", "kmip"}
+        skip |= set(PARTS) - {"micro"}
+    unknown = (skip | set(filter(None, (args.only or "").split(",")))) - set(PARTS)
+    if unknown:
+        ap.error(f"unknown part(s): {','.join(sorted(unknown))} (parts: {','.join(PARTS)})")
     install_signal_handlers()
 
     started = time.time()
@@ -493,6 +485,10 @@ def main(argv=None) -> int:
             log(load_line("micro", load))
         if not {"fio", "convert", "offline"} <= skip:
             host_benchmarks(results, args, skip, wanted, size, conv_size, rounds, jobs)
+        if "online" not in skip:
+            log(f"\n== online operations (issue 10): deep rekey of a {fmt_size(conv_size)} disk online vs offline, "
+                "fio IOPS during one")
+            online_benchmark(results.setdefault("online", {}), conv_size, rounds, runtime, ramp)
         if "kmip" not in skip:
             log("\n== mounting 200 encrypted disks under a KMIP provider (local PyKMIP server)")
             results["kmip_mount_200"] = kmip_mount_benchmark()

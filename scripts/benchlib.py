@@ -588,6 +588,36 @@ def start_providers(classes, wanted, backing, work, size, cleanup: Cleanup):
     return providers, targets, status
 
 
+# -- test data ------------------------------------------------------------------------
+def write_pattern(path: str, size: int) -> None:
+    """A fully written file of non-zero, non-repeating-per-MiB data (no holes for qemu-img to skip)."""
+    block = bytearray(os.urandom(MIB))
+    with open(path, "wb") as f:
+        for i in range(size // MIB):
+            block[:8] = i.to_bytes(8, "little")
+            f.write(block)
+
+
+def make_flat_folder(folder: str, size: int) -> str:
+    """A plain VM folder holding one fully written monolithicFlat disk (disk.vmdk + disk-flat.vmdk); the extent's path."""
+    os.makedirs(folder)
+    run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", os.path.join(folder, "disk.vmdk"),
+         str(size)])
+    flat = os.path.join(folder, "disk-flat.vmdk")
+    write_pattern(flat, size)
+    return flat
+
+
+def allocated_bytes(folder: str) -> int:
+    """Bytes allocated (st_blocks) by the regular files of a folder."""
+    total = 0
+    for name in os.listdir(folder):
+        st = os.lstat(os.path.join(folder, name))
+        if os.path.isfile(os.path.join(folder, name)):
+            total += st.st_blocks * 512
+    return total
+
+
 # -- fio ------------------------------------------------------------------------------
 def fio(path: str, job: dict, size: int, extra: tuple[str, ...] = (), timeout: float = 900) -> dict:
     """One fio run of `job` on `path`; MB/s, IOPS and mean latency of the job's direction."""
@@ -610,10 +640,16 @@ def fio(path: str, job: dict, size: int, extra: tuple[str, ...] = (), timeout: f
     except ValueError:
         raise RuntimeError(f"fio failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[-1000:]}") from None
     j = result["jobs"][0]
-    side = j["read"] if job["rw"] in ("read", "randread") else j["write"]
     if proc.returncode != 0 or j.get("error"):
         raise RuntimeError(f"fio error {j.get('error')} (exit {proc.returncode}): "
                            f"{proc.stderr.decode(errors='replace')[-1000:]}")
+    rd, wr = j["read"], j["write"]
+    if job["rw"] in ("rw", "readwrite", "randrw"):  # mixed: both directions together
+        ios = rd["total_ios"] + wr["total_ios"]
+        lat = (rd["lat_ns"]["mean"] * rd["total_ios"] + wr["lat_ns"]["mean"] * wr["total_ios"]) / max(ios, 1)
+        return {"MB/s": (rd["bw_bytes"] + wr["bw_bytes"]) / 1e6, "IOPS": rd["iops"] + wr["iops"],
+                "lat_us": lat / 1000, "read_IOPS": rd["iops"], "write_IOPS": wr["iops"]}
+    side = rd if job["rw"] in ("read", "randread") else wr
     return {"MB/s": side["bw_bytes"] / 1e6, "IOPS": side["iops"], "lat_us": side["lat_ns"]["mean"] / 1000}
 
 
