@@ -438,9 +438,12 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, 2 s jobs, 256 MiB files")
     ap.add_argument("--rounds", "--reps", type=int, dest="rounds", help="interleaved rounds (default 3, quick 1)")
     ap.add_argument("--size", help="fio file size per target (default 512M, quick 256M)")
-    ap.add_argument("--convert-size", help="qemu-img convert, offline folder and online disk size (default 1G, quick 256M)")
+    ap.add_argument("--convert-size", help="qemu-img convert and offline folder size (default 1G, quick 256M)")
+    ap.add_argument("--online-size", default="1G",
+                    help="online part: disk size (default 1G, also quick: a smaller disk is rekeyed before fio is under way)")
     ap.add_argument("--runtime", type=float, help="seconds per fio job (default 5, quick 2)")
     ap.add_argument("--ramp", type=float, help="fio ramp seconds before each job (default 1, quick 0.5)")
+    ap.add_argument("--online-rate", help="online part: also fio during an online rekey limited to this --rate, e.g. 50M")
     ap.add_argument("--targets", help="comma-separated subset of: " + ",".join(TARGET_ORDER))
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: " + ",".join(PARTS))
     ap.add_argument("--only", help="comma-separated parts to run (the others are skipped): " + ",".join(PARTS))
@@ -468,6 +471,7 @@ def main(argv=None) -> int:
     jobs = fio_jobs(runtime, ramp)
     results: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick,
                      "params": {"rounds": rounds, "size": size, "convert_size": conv_size, "runtime_s": runtime,
+                                "online_size": args.online_size, "online_rate": args.online_rate,
                                 "ramp_s": ramp, "fio": "direct=1, time based; seq bs=1M psync; 4k psync "
                                                        "numjobs 1/2; 4k libaio iodepth 16"}}
     ensure_tools(not args.no_install)
@@ -486,9 +490,10 @@ def main(argv=None) -> int:
         if not {"fio", "convert", "offline"} <= skip:
             host_benchmarks(results, args, skip, wanted, size, conv_size, rounds, jobs)
         if "online" not in skip:
-            log(f"\n== online operations (issue 10): deep rekey of a {fmt_size(conv_size)} disk online vs offline, "
+            online_size = parse_size(args.online_size)
+            log(f"\n== online operations (issue 10): deep rekey of a {fmt_size(online_size)} disk online vs offline, "
                 "fio IOPS during one")
-            online_benchmark(results.setdefault("online", {}), conv_size, rounds, runtime, ramp)
+            online_benchmark(results.setdefault("online", {}), online_size, rounds, runtime, ramp, args.online_rate)
         if "kmip" not in skip:
             log("\n== mounting 200 encrypted disks under a KMIP provider (local PyKMIP server)")
             results["kmip_mount_200"] = kmip_mount_benchmark()

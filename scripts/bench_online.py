@@ -10,7 +10,8 @@ datastore with a fully written flat disk of the same size, encrypted offline (un
    mounted disk: IOPS with no operation and while `rekey --deep --background` of vm1 runs; the
    operation must be running when fio starts and still running when it ends (`operations
    --json` before and after), else the sample is discarded. Also the operation's MB/s over the
-   fio window. Target: IOPS under the operation / without >= 0.5.
+   fio window. Target: IOPS under the operation / without >= 0.5. `--online-rate R` (bench.py)
+   adds fio during an online rekey limited to `--rate R`, for the guest/operation trade-off.
 3. A check: fio randwrite 4 KiB with crc32c verify on a range just ahead of the operation's
    boundary while it runs, then a verify-only pass after it ended: acknowledged writes read back.
 """
@@ -60,9 +61,9 @@ def finished(vmfs: VmfsCryptProvider, folder: str, timeout: float = 1800) -> dic
     return op
 
 
-def start_background(vmfs: VmfsCryptProvider, folder: str) -> dict:
-    """`rekey --deep --background`; the op once it runs."""
-    vmfs.cli("rekey", "--deep", "--background", folder, timeout=300)
+def start_background(vmfs: VmfsCryptProvider, folder: str, rate: str | None = None) -> dict:
+    """`rekey --deep --background [--rate RATE]`; the op once it runs."""
+    vmfs.cli("rekey", "--deep", "--background", folder, *(["--rate", rate] if rate else []), timeout=300)
     op = wait_op(vmfs, folder, lambda o: o["state"] != "starting", 300, f"the online rekey of {folder} to start")
     if op["state"] != "running":
         raise RuntimeError(f"online rekey of {folder} is {op['state']} before fio began: make the disk larger")
@@ -104,25 +105,29 @@ def rekey_rounds(vmfs, res, offline_folder, online_folder, rounds) -> None:
 
 
 # -- 2. guest IOPS with and without an online deep rekey ----------------------------------------
-def fio_rounds(vmfs, res, disk, folder, size, rounds, runtime, ramp) -> None:
+def fio_rounds(vmfs, res, disk, folder, size, rounds, runtime, ramp, rate: str | None) -> None:
+    """Per round: fio alone, fio during an online rekey --deep (and one limited to --rate `rate`), order rotating."""
     job = fio_job(runtime, ramp)
+    kinds = ["idle", "under_op"] + (["under_op_rate"] if rate else [])
     samples = res["fio"] = {"job": "fio rw=randrw bs=4k direct=1 ioengine=psync iodepth=1 numjobs=1 time_based "
                                    f"runtime={runtime:g}s ramp={ramp:g}s on the whole {fmt_size(size)} disk",
-                            "idle_IOPS": [], "under_op_IOPS": [], "idle_lat_us": [], "under_op_lat_us": [],
-                            "op_MBps_in_window": [], "op_MBps_whole": [], "discarded": [], "rounds": []}
+                            "rate": rate, "discarded": [], "rounds": []}
+    for k in kinds:
+        samples[k] = {"IOPS": [], "lat_us": [], "op_MBps_in_window": [], "op_MBps_whole": []}
     meter = LoadMeter(vmfs.pids)
     for rnd in range(rounds):
         meter.start()
-        for kind in (("idle", "under_op") if rnd % 2 == 0 else ("under_op", "idle")):
+        for kind in kinds[rnd % len(kinds):] + kinds[:rnd % len(kinds)]:
             if kind == "idle":
                 r = fio(disk, job, size)
-                samples["idle_IOPS"].append(round(r["IOPS"], 1))
-                samples["idle_lat_us"].append(round(r["lat_us"], 1))
-                log(f"  round {rnd + 1}/{rounds} fio randrw 4k, no operation     {r['IOPS']:9,.0f} IOPS "
+                samples[kind]["IOPS"].append(round(r["IOPS"], 1))
+                samples[kind]["lat_us"].append(round(r["lat_us"], 1))
+                log(f"  round {rnd + 1}/{rounds} fio randrw 4k, no operation            {r['IOPS']:9,.0f} IOPS "
                     f"(read {r['read_IOPS']:,.0f}, write {r['write_IOPS']:,.0f}), mean latency {r['lat_us']:.0f} us")
                 continue
-            for attempt in range(3):  # a window the operation outlasted, shorter after each miss
-                if under_op(vmfs, samples, disk, folder, size, job, rnd, rounds):
+            for _ in range(3):  # a window the operation outlasted, shorter after each miss
+                if under_op(vmfs, samples, kind, disk, folder, size, job, rnd, rounds,
+                            rate if kind == "under_op_rate" else None):
                     break
                 runtime = max(0.5, runtime / 2)
                 job = fio_job(runtime, ramp)
@@ -130,35 +135,36 @@ def fio_rounds(vmfs, res, disk, folder, size, rounds, runtime, ramp) -> None:
         load = meter.stop()
         samples["rounds"].append(load)
         log(load_line(f"fio round {rnd + 1}", load))
-    idle, under = median_or_none(samples["idle_IOPS"]), median_or_none(samples["under_op_IOPS"])
-    samples.update(runtime_s_last=runtime, idle_median_IOPS=idle, under_op_median_IOPS=under, ratio=ratio(under, idle), target=RATIO_TARGET,
-                   op_median_MBps_in_window=median_or_none(samples["op_MBps_in_window"]),
-                   op_median_MBps_whole=median_or_none(samples["op_MBps_whole"]),
-                   idle_median_lat_us=median_or_none(samples["idle_lat_us"]),
-                   under_op_median_lat_us=median_or_none(samples["under_op_lat_us"]))
+    samples["runtime_s_last"] = runtime
+    for k in kinds:
+        samples[k]["median"] = {m: median_or_none(v) for m, v in samples[k].items() if isinstance(v, list)}
+    idle = samples["idle"]["median"]["IOPS"]
+    for k in kinds[1:]:
+        samples[k]["ratio"] = ratio(samples[k]["median"]["IOPS"], idle)
+    samples["ratio"], samples["target"] = samples["under_op"]["ratio"], RATIO_TARGET
 
 
-def under_op(vmfs, samples, disk, folder, size, job, rnd, rounds) -> bool:
+def under_op(vmfs, samples, kind, disk, folder, size, job, rnd, rounds, rate) -> bool:
     """One fio run during an online rekey --deep; False (sample discarded) when the operation did not outlast it."""
-    op0 = start_background(vmfs, folder)
+    op0 = start_background(vmfs, folder, rate)
     t0 = time.monotonic()
     r = fio(disk, job, size)
     t1 = time.monotonic()
     op1 = operation(vmfs, folder) or {}
     op_end = finished(vmfs, folder)
     whole = op_end["bytes_per_s"] / 1e6  # the mount's figure: bytes over the op's own run time
+    label = f"online rekey{' --rate ' + rate if rate else ''} runs"
     if op1.get("state") != "running":
-        samples["discarded"].append(f"round {rnd + 1}: the operation was {op1.get('state')} when fio ended "
+        samples["discarded"].append(f"round {rnd + 1}, {label}: the operation was {op1.get('state')} when fio ended "
                                     f"({r['IOPS']:.0f} IOPS, {job['runtime']})")
-        log(f"  round {rnd + 1}/{rounds} fio under the operation: DISCARDED, the operation ended before fio "
+        log(f"  round {rnd + 1}/{rounds} fio, {label}: DISCARDED, the operation ended before fio "
             f"did ({r['IOPS']:,.0f} IOPS)")
         return False
     in_window = (op1["done_bytes"] - op0["done_bytes"]) / 1e6 / (t1 - t0)
-    samples["under_op_IOPS"].append(round(r["IOPS"], 1))
-    samples["op_MBps_in_window"].append(round(in_window, 1))
-    samples["op_MBps_whole"].append(round(whole, 1))
-    samples["under_op_lat_us"].append(round(r["lat_us"], 1))
-    log(f"  round {rnd + 1}/{rounds} fio randrw 4k, online rekey runs {r['IOPS']:9,.0f} IOPS "
+    for m, v in (("IOPS", r["IOPS"]), ("lat_us", r["lat_us"]), ("op_MBps_in_window", in_window),
+                 ("op_MBps_whole", whole)):
+        samples[kind][m].append(round(v, 1))
+    log(f"  round {rnd + 1}/{rounds} fio randrw 4k, {label:<24} {r['IOPS']:9,.0f} IOPS "
         f"(read {r['read_IOPS']:,.0f}, write {r['write_IOPS']:,.0f}), mean latency {r['lat_us']:.0f} us; "
         f"op {op0['percent']:.0f} % -> {op1['percent']:.0f} % in the window: {in_window:.1f} MB/s; whole op "
         f"{whole:.1f} MB/s, {op_end['state']}")
@@ -195,7 +201,7 @@ def verify_check(vmfs, disk, folder, size) -> dict:
     return res
 
 
-def online_benchmark(res: dict, size: int, rounds: int, runtime: float, ramp: float) -> dict:
+def online_benchmark(res: dict, size: int, rounds: int, runtime: float, ramp: float, rate: str | None = None) -> dict:
     """All of the above on a fresh tmpfs, into `res` (partial results survive a Ctrl-C); everything it starts is
     stopped and unmounted before it returns."""
     res.update(size=size, target=RATIO_TARGET, loadavg_start=[round(x, 2) for x in os.getloadavg()])
@@ -223,7 +229,7 @@ def online_benchmark(res: dict, size: int, rounds: int, runtime: float, ramp: fl
             res["fio_runtime_s"] = fio_runtime
             log(f"\n  -- fio randrw 4k psync qd1 through the mount, {fio_runtime:g} s (+{ramp:g} s ramp): no "
                 "operation vs during an online rekey --deep --background")
-            fio_rounds(vmfs, res, target.path, online_folder, size, rounds, fio_runtime, ramp)
+            fio_rounds(vmfs, res, target.path, online_folder, size, rounds, fio_runtime, ramp, rate)
             log("\n  -- check: fio randwrite 4k crc32c verify ahead of the boundary during an online rekey, "
                 "verify-only after it")
             res["verify"] = verify_check(vmfs, target.path, online_folder, size)
@@ -249,13 +255,20 @@ def summarize_online(res: dict, summary: dict) -> None:
         summary["online_rekey_vs_offline"] = rk["ratio"]
         summary["targets_met"]["online rekey >= 0.5 x offline"] = rk["ratio"] >= RATIO_TARGET
     if fi.get("ratio") is not None:
-        log(f"    fio randrw 4k psync qd1: {fi['idle_median_IOPS']:,.0f} IOPS without an operation, "
-            f"{fi['under_op_median_IOPS']:,.0f} during an online rekey --deep: {mark(fi['ratio'], RATIO_TARGET)} "
-            f"(>= {RATIO_TARGET}); the operation meanwhile {fi['op_median_MBps_in_window']} MB/s")
+        idle, under = fi["idle"]["median"], fi["under_op"]["median"]
+        log(f"    fio randrw 4k psync qd1: {idle['IOPS']:,.0f} IOPS without an operation, {under['IOPS']:,.0f} during an "
+            f"online rekey --deep: {mark(fi['ratio'], RATIO_TARGET)} (>= {RATIO_TARGET}); mean latency "
+            f"{idle['lat_us']:.0f} -> {under['lat_us']:.0f} us; the operation meanwhile {under['op_MBps_in_window']} MB/s")
         summary["online_fio_iops_kept"] = fi["ratio"]
         summary["targets_met"]["guest keeps >= 0.5 of its IOPS during an online rekey"] = fi["ratio"] >= RATIO_TARGET
     elif fi:
         log(f"    fio under the operation: no valid sample ({'; '.join(fi.get('discarded', []))})")
+    lim = fi.get("under_op_rate") or {}
+    if lim.get("ratio") is not None:
+        m = lim["median"]
+        log(f"    the same with --rate {fi['rate']}: {m['IOPS']:,.0f} IOPS, {mark(lim['ratio'], RATIO_TARGET)}; mean "
+            f"latency {m['lat_us']:.0f} us; the operation meanwhile {m['op_MBps_in_window']} MB/s")
+        summary["online_fio_iops_kept_at_rate"] = {"rate": fi["rate"], "ratio": lim["ratio"]}
     if fi.get("discarded"):
         log(f"    discarded fio samples: {'; '.join(fi['discarded'])}")
     if ve:
