@@ -45,7 +45,7 @@ demo: deps
 # Benchmarks (issue 13; docs/PERFORMANCE.md, Method). Not part of `make test`. Run at a quiet
 # moment: other load makes the figures noise (the scripts warn). BENCH_ARGS passes options on,
 # e.g. make bench BENCH_ARGS="--targets vmfs-enc,gocryptfs --rounds 5".
-# bench: host fio matrix, qemu-img convert vs LUKS, offline encrypt/rekey/decrypt, cipher, RSS, KMIP (~25 min)
+# bench: host fio matrix, qemu-img convert vs LUKS, offline encrypt/rekey/decrypt, online deep rekey, cipher, RSS, KMIP (~28 min)
 # bench-quick: the same as a smoke run (1 round, 2 s jobs, 256 MiB; ~6 min); not figures
 # bench-guest: fio inside a Debian guest on each target's disk under QEMU (~10 min with KVM, ~25 with TCG)
 BENCH_ARGS ?=
