@@ -248,34 +248,31 @@ int vc_file_unlock_write(vc_file *f)
     return rc;
 }
 
-int vc_file_set_hot(vc_file *f, uint64_t lo, uint64_t hi)
+/* The zone becomes [lo, hi) (0, 0: none), by the holder of the write lock only. */
+static int put_hot(vc_file *f, uint64_t lo, uint64_t hi)
 {
-    if (hi <= lo || lo % SECTOR != 0)
-        return -EINVAL;
     int rc = 0;
     VC_MUST(pthread_mutex_lock(&f->mu));
     if (!f->writer) {
         rc = -EPERM;
     } else {
         f->hot_lo = lo;
-        f->hot_hi = hi;
+        f->hot_hi = hi; /* waiters of a cleared zone wake at the release of the write lock */
     }
     VC_MUST(pthread_mutex_unlock(&f->mu));
     return rc;
 }
 
+int vc_file_set_hot(vc_file *f, uint64_t lo, uint64_t hi)
+{
+    if (hi <= lo || lo % SECTOR != 0)
+        return -EINVAL;
+    return put_hot(f, lo, hi);
+}
+
 int vc_file_clear_hot(vc_file *f)
 {
-    int rc = 0;
-    VC_MUST(pthread_mutex_lock(&f->mu));
-    if (!f->writer) {
-        rc = -EPERM;
-    } else {
-        f->hot_lo = 0;
-        f->hot_hi = 0; /* the waiters wake at the release of the write lock */
-    }
-    VC_MUST(pthread_mutex_unlock(&f->mu));
-    return rc;
+    return put_hot(f, 0, 0);
 }
 
 /* -- counters and the log hook ------------------------------------------------------ */

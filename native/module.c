@@ -317,34 +317,31 @@ static PyObject *FileState_release_write(FileStateObject *self, PyObject *unused
     Py_RETURN_NONE;
 }
 
-static PyObject *FileState_acquire_read_span(FileStateObject *self, PyObject *args)
+/* acquire_read_span / acquire_write_span: take the lock with `lock`, for (offset, size). */
+static PyObject *acquire_span(FileStateObject *self, PyObject *args, const char *format,
+                              void (*lock)(vc_file *, uint64_t, uint64_t))
 {
     unsigned long long off, size;
-    if (!PyArg_ParseTuple(args, "KK:acquire_read_span", &off, &size))
+    if (!PyArg_ParseTuple(args, format, &off, &size))
         return NULL;
     if (off > (unsigned long long)INT64_MAX || size > (unsigned long long)SSIZE_MAX) {
         PyErr_SetString(PyExc_ValueError, "offset or size out of range");
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    vc_file_lock_read_span(self->f, (uint64_t)off, (uint64_t)size);
+    lock(self->f, (uint64_t)off, (uint64_t)size);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
+static PyObject *FileState_acquire_read_span(FileStateObject *self, PyObject *args)
+{
+    return acquire_span(self, args, "KK:acquire_read_span", vc_file_lock_read_span);
+}
+
 static PyObject *FileState_acquire_write_span(FileStateObject *self, PyObject *args)
 {
-    unsigned long long off, size;
-    if (!PyArg_ParseTuple(args, "KK:acquire_write_span", &off, &size))
-        return NULL;
-    if (off > (unsigned long long)INT64_MAX || size > (unsigned long long)SSIZE_MAX) {
-        PyErr_SetString(PyExc_ValueError, "offset or size out of range");
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    vc_file_lock_write_span(self->f, (uint64_t)off, (uint64_t)size);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    return acquire_span(self, args, "KK:acquire_write_span", vc_file_lock_write_span);
 }
 
 static PyObject *FileState_set_hot(FileStateObject *self, PyObject *args)
