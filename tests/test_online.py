@@ -237,7 +237,8 @@ def test_a_mount_killed_during_an_online_operation_loses_nothing_and_the_next_mo
     want, maybe = expected(files["disk-flat.vmdk"], logs)
     # Killed: every sector readable under the old or the new key by FORMAT.md alone
     assert_disk(at_rest(vm, env), want, maybe, "at rest right after the kill")
-    mnt = _mount(env)  # resumes the operation before it serves
+    mnt = _mount(env)  # resumes the operation online, once it serves
+    env.run("operations", "--wait")
     try:
         assert state(vm) is None
         with open(disk, "rb") as f:
@@ -281,7 +282,8 @@ def test_an_online_operation_rewrites_regions_of_the_online_size(venv_env):
     finally:
         os.kill(pid, signal.SIGKILL)  # stopped by the engine (or not): never left behind
         subprocess.run(["fusermount", "-uz", mnt], capture_output=True)
-    mnt = _mount(env)  # resumes the operation (in regions of the size recorded at rest) before it serves
+    mnt = _mount(env)  # resumes the operation online (in regions of the size recorded at rest)
+    env.run("operations", "--wait")
     try:
         assert state(vm) is None
         with open(os.path.join(mnt, "vm1", "disk-flat.vmdk"), "rb") as f:

@@ -229,10 +229,11 @@ def test_a_version_1_reader_refuses_a_folder_in_flight(small_regions):
 @pytest.mark.cli
 @pytest.mark.fuse
 def test_the_next_mount_resumes_an_interrupted_encrypt(small_regions):
-    """Issue 10: `vmfs-crypt mount` first finishes an in-place operation a SIGKILL interrupted.
+    """Issue 10: `vmfs-crypt mount` finishes an in-place operation a SIGKILL interrupted, online once it serves.
 
     vm1 is killed inside a region and resumed by the mount; vm2's resume fails (its disk changed
-    size meanwhile): the mount still starts, serves vm1, and refuses vm2's disk, naming the command.
+    size meanwhile): the mount still starts, serves vm1, and refuses vm2's disk; `operations --wait`
+    waits for both and names the command for vm2.
     """
     from support.env import is_mounted
     env = small_regions
@@ -247,8 +248,13 @@ def test_the_next_mount_resumes_an_interrupted_encrypt(small_regions):
     out = env.run("mount", env.ds, mnt, check=False, timeout=300)
     try:
         assert out.returncode == 0 and is_mounted(mnt), out.stderr.decode(errors="replace") + env.mount_logs()
-        assert f"resumed the interrupted in-place encrypt of {vm}".encode() in out.stdout, out.stdout
-        assert f"'vmfs-crypt encrypt {vm2}'".encode() in out.stderr, out.stderr
+        for folder in (vm, vm2):
+            assert f"resuming the interrupted in-place encrypt of {os.path.realpath(folder)} online".encode() \
+                in out.stdout, out.stdout
+        waited = env.run("operations", "--wait", check=False)
+        assert waited.returncode != 0, waited.stdout
+        assert f"online encrypt of {os.path.realpath(vm)}: done".encode() in waited.stdout, waited.stdout
+        assert f"'vmfs-crypt encrypt {os.path.realpath(vm2)}'".encode() in waited.stdout, waited.stdout
         for name in ("disk-flat.vmdk", "vm1.nvram", "vm1.vmx"):
             with open(os.path.join(mnt, "vm1", name), "rb") as f:
                 assert f.read() == files[name], f"{name} differs through the mount after the resume"

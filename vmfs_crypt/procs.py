@@ -38,6 +38,9 @@ class ReadyPipe:
     def stopping(self) -> None:
         """The service is shutting down (systemd's STOPPING=1; nothing for a pipe)."""
 
+    def update_status(self, extra: str | None) -> None:
+        """What the live service is doing besides serving (systemd's STATUS=; nothing for a pipe)."""
+
 
 class NotifyReady(ReadyPipe):
     """The readiness of a process systemd runs (Type=notify): READY=1 and STATUS= once it serves,
@@ -62,6 +65,10 @@ class NotifyReady(ReadyPipe):
         if self.state == "ready":
             self.state = "stopping"
             sd_notify("STOPPING=1\nSTATUS=stopping")
+
+    def update_status(self, extra: str | None) -> None:
+        if self.state == "ready":  # never before READY=1, nor once stopping
+            sd_notify(f"STATUS={self.status}" + (f"; {extra}" if extra else ""))
 
 
 def spawn_detached(cmd: list[str], log_path: str, timeout_s: float, env: dict | None = None,

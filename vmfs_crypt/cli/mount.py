@@ -10,12 +10,12 @@ import os
 import click
 
 from ..agent import protocol as p
-from ..agent.launcher import agent_session
 from ..daemon import setup_logging
 from ..errors import ConfigError, UsageError
-from ..ops import lifecycle, mounting
+from ..ops import mounting
 from ..procs import NotifyReady
-from .common import note, pass_ctx, progress, running_agent, warn, warn_backup
+from .common import note, pass_ctx, running_agent, warn_backup
+from .online import resumed_operations
 
 
 @click.command()
@@ -43,6 +43,9 @@ def mount(c, datastore, mountpoint, name, foreground, options, allow_other, agen
         else:
             resp = running_agent(c.config).request(p.OP_MOUNT_START, name=name)
             note(f"mounted {name} at {resp['mountpoint']}")
+            for line in str(resp.get("message") or "").splitlines():
+                if line.startswith(RESUMING):  # what the mount the agent started resumes (issue 10)
+                    note(line)
             return
     if not datastore or not mountpoint:
         raise UsageError("mount needs DATASTORE and MOUNTPOINT (or --name NAME)")
@@ -52,7 +55,6 @@ def mount(c, datastore, mountpoint, name, foreground, options, allow_other, agen
                          "here, use --config")
     agent_socket = agent_socket or ours.get("agent")
     allow_other = allow_other or bool(ours.get("allow_other"))
-    _resume_interrupted(c, datastore)
     if foreground:
         from ..fuse.serve import run_mount  # only this path loads FUSE
         from .mountd import online_services
@@ -63,25 +65,23 @@ def mount(c, datastore, mountpoint, name, foreground, options, allow_other, agen
         return
     log_path = mounting.mount_background(c.config, datastore, mountpoint, agent_socket, options, allow_other)
     note(f"mounted {datastore} at {mountpoint} (log: {log_path})")
+    _name_resumes(datastore)
     warn_backup(c.config)
 
 
-def _resume_interrupted(c, datastore: str) -> None:
-    """Finish the in-place operations a crash left in the datastore before mounting it (issue 10).
+RESUMING = "resuming the interrupted in-place "
 
-    Each folder with the agent session its offline command would use; one that cannot be
-    resumed stays refused by the mount (with the command to run), and the mount still starts.
+
+def _name_resumes(datastore: str) -> None:
+    """Say which interrupted in-place operations the mount now resumes online (issue 10).
+
+    Every mount (this one, --foreground under systemd, --name through the agent) resumes them
+    itself once it is live, while it serves: a long resume delays neither this command nor
+    systemd's READY=1. The mount lists them from its start, so none is missed here.
     """
-    if not os.path.isdir(datastore):
-        return  # the mount reports it
-    def session(folder: str, purpose: str):
-        return agent_session(c.config, purpose, target=folder)
-    for r in lifecycle.resume_datastore(os.path.abspath(datastore), session, progress):
-        if r.error is None:
-            note(f"resumed the interrupted in-place {r.op} of {r.folder}")
-        else:
-            warn(f"{r.folder}: its interrupted in-place {r.op} was not resumed ({r.error}); the mount refuses "
-                 f"its encrypted files until 'vmfs-crypt {r.command} {r.folder}' finishes it")
+    for op in resumed_operations(datastore):
+        note(f"{RESUMING}{'deep rekey' if op['op'] == 'rekey' else op['op']} of {op['folder']} online, in the mount; 'vmfs-crypt operations' "
+             "shows it ('--wait' waits for it)")
 
 
 @click.command()

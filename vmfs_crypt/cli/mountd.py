@@ -12,9 +12,10 @@ from ..fuse.serve import run_mount
 from ..ops.online import ControlServer
 
 
-def online_services(core, datastore: str, agent_socket: str):
-    """What the mount runs besides FUSE: the control socket of online operations (issue 10); returns its stop."""
-    return ControlServer(core, datastore, agent_socket).start().stop
+def online_services(core, datastore: str, agent_socket: str) -> ControlServer:
+    """What the mount runs besides FUSE: the control socket of online operations (issue 10), which resumes
+    the interrupted ones once the mount is live (fuse/serve.py run_mount calls its live() and stop())."""
+    return ControlServer(core, datastore, agent_socket).start()
 
 
 def main(argv: list[str] | None = None) -> int:

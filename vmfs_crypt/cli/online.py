@@ -108,6 +108,20 @@ def all_operations() -> list[dict]:
     return out
 
 
+def resumed_operations(datastore: str) -> list[dict]:
+    """The interrupted operations the mount of `datastore` found when it started and resumes online (issue 10)."""
+    try:
+        resp = online.request(datastore, {"cmd": "status"}, timeout_s=5.0)
+    except (OSError, ValueError, InUseError):
+        return []
+    return [o for o in resp["ops"] if o.get("resumed")] if resp and resp.get("ok") else []
+
+
+def command_of(op: str) -> str:
+    """The command that carries out (or resumes) an operation: 'rekey --deep' for a deep rekey."""
+    return "rekey --deep" if op == "rekey" else op
+
+
 def echo_operations(ops: list[dict]) -> None:
     for o in ops:
         what = f"  online {'deep rekey' if o['op'] == 'rekey' else o['op']} of {o['folder']}: {o['state']}"
@@ -118,6 +132,8 @@ def echo_operations(ops: list[dict]) -> None:
                 what += f", limited to {o['rate'] / 1e6:.1f} MB/s"
         elif o["error"]:
             what += f": {o['error']}"
+            if o["state"] == "failed":
+                what += f"; 'vmfs-crypt {command_of(o['op'])} {o['folder']}' resumes it once that is repaired"
         click.echo(what)
 
 
@@ -156,16 +172,25 @@ def resume(c, path, rate):
 
 @click.command("operations")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--wait", is_flag=True, help="First wait until none is running or paused (e.g. the resumes of a "
+              "mount); exit non-zero if one failed or stopped.")
 @pass_ctx
-def operations(c, as_json):
+def operations(c, as_json, wait):
     """List the online operations of the datastores you have mounted (also part of 'vmfs-crypt status')."""
     ops = all_operations()
+    while wait and any(o["state"] in ("starting", "running", "paused") for o in ops):
+        time.sleep(POLL_S)
+        ops = all_operations()
     if as_json:
         emit_json({"operations": ops})
     elif not ops:
         click.echo("no online operation")
     else:
         echo_operations(ops)
+    bad = [o for o in ops if o["state"] in ("failed", "stopped")]
+    if wait and bad:
+        raise DataError(f"{len(bad)} online operation(s) did not finish: "
+                        + "; ".join(f"{o['folder']} ({o['error'] or o['state']})" for o in bad))
 
 
 COMMANDS = [pause, resume, operations]

@@ -168,7 +168,10 @@ def run_mount(config: Config, datastore: str, mountpoint: str, agent_socket: str
     """Serve the mount in this process (the detached child of `vmfs-crypt mount`, or --foreground).
 
     `services(core, datastore, agent_socket)` starts what runs beside FUSE (the control socket of
-    online operations, ops/online.py, which this layer does not import) and returns its stop.
+    online operations, ops/online.py, which this layer does not import) and returns an object
+    with `live(ready)`, called once the mount is live and readiness was reported (the online
+    resume of interrupted operations starts there: issue 10, never before systemd's READY=1),
+    and `stop()`.
     """
     # The mount table holds absolute paths: a relative MOUNTPOINT was never found there (issue 9).
     datastore, mountpoint = os.path.abspath(datastore), os.path.abspath(mountpoint)
@@ -197,11 +200,16 @@ def run_mount(config: Config, datastore: str, mountpoint: str, agent_socket: str
         ready.error(exc, MountError)
         raise
     threading.Thread(target=watch_revocations, args=(core, agent, stop), daemon=True, name="revocations").start()
-    stop_services = None
+    running = None
+
+    def live() -> None:
+        ready.ok()  # first: a long resume must not hold back READY=1 (systemd's start time-out)
+        if running is not None:
+            running.live(ready)
     try:
         if services is not None:
-            stop_services = services(core, datastore, agent.socket_path)
-        serve_fuse(core, mountpoint, options, ready.ok)
+            running = services(core, datastore, agent.socket_path)
+        serve_fuse(core, mountpoint, options, live)
     except MountError as exc:
         ready.error(exc)
         raise
@@ -213,8 +221,8 @@ def run_mount(config: Config, datastore: str, mountpoint: str, agent_socket: str
         ready.stopping()
         stop.set()
         ready.error(MountError("the FUSE loop ended before the mount came up"))
-        if stop_services is not None:
-            stop_services()  # an online operation stops after its region in flight; the next mount resumes it
+        if running is not None:
+            running.stop()  # an online operation stops after its region in flight; the next mount resumes it
         stats = core.datapath_stats()
         if stats:
             log.info("data path %s served %s", core.datapath.name, ", ".join(f"{k} {v}" for k, v in stats.items()))

@@ -312,19 +312,6 @@ def cat_file(path: str, keys: KeyAccess, write: Callable[[bytes], None]) -> None
         os.close(fd)
 
 
-@dataclass
-class Resumed:
-    """One folder found mid-way through an in-place operation by resume_datastore: resumed, or `error`."""
-
-    folder: str
-    op: str  # "encrypt", "decrypt" or "rekey" (deep)
-    error: Exception | None = None
-
-    @property
-    def command(self) -> str:
-        return "rekey --deep" if self.op == "rekey" else self.op
-
-
 def interrupted_folders(datastore: str) -> list[tuple[str, str]]:
     """Every folder of the datastore whose key file records an in-place operation in flight: (path, op)."""
     found = []
@@ -340,27 +327,3 @@ def interrupted_folders(datastore: str) -> list[tuple[str, str]]:
             found.append((top, state.op))
     return found
 
-
-def resume_datastore(datastore: str, session: Callable[[str, str], object],
-                     progress: ProgressFactory) -> list[Resumed]:
-    """Finish every in-place operation a crash left in the datastore's folders (issue 10: the next mount resumes).
-
-    `session(folder, purpose)` gives a context manager yielding the KeyAccess (the agent session
-    the offline command would use). A folder that cannot be resumed (no privilege, a KEK
-    unavailable) is reported and left as it is, refused by the mount: it never blocks the others.
-    """
-    done = []
-    for path, op in interrupted_folders(datastore):
-        item = Resumed(path, op)
-        try:
-            with session(path, "rekey" if op == "rekey" else "decrypt") as keys:
-                if op == "encrypt":
-                    encrypt_folder(path, keys, None, progress)
-                elif op == "decrypt":
-                    decrypt_folder(path, keys, progress)
-                else:
-                    rekey_folder(path, keys, None, True, progress)
-        except (VmfsCryptError, OSError) as e:
-            item.error = e
-        done.append(item)
-    return done

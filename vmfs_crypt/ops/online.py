@@ -64,7 +64,7 @@ class OnlineOp:
     """One operation on one folder, in its own thread of the mount process."""
 
     def __init__(self, server: "ControlServer", folder_path: str, rel: str, op: str, provider: str | None,
-                 rate: int | None) -> None:
+                 rate: int | None, resumed: bool = False) -> None:
         self.server = server
         self.core = server.core
         self.path = folder_path  # at rest, for messages
@@ -72,6 +72,7 @@ class OnlineOp:
         self.op = op  # "encrypt", "decrypt" or "rekey" (deep)
         self.provider = provider
         self.rate = rate  # bytes per second, None: as fast as it goes
+        self.resumed = resumed  # found interrupted at rest when the mount started (ControlServer.live)
         self.state = "starting"
         self.error: str | None = None
         self.file: str | None = None
@@ -106,7 +107,7 @@ class OnlineOp:
                 "done_bytes": self.done_bytes, "total_bytes": self.total_bytes,
                 "percent": round(100.0 * self.done_bytes / self.total_bytes, 1) if self.total_bytes else 100.0,
                 "bytes_per_s": round(speed), "eta_s": round(left / speed, 1) if speed > 0 and left else 0.0,
-                "rate": self.rate, "error": self.error}
+                "rate": self.rate, "error": self.error, "resumed": self.resumed}
 
     # -- the operation ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -128,6 +129,7 @@ class OnlineOp:
             log.exception("%s: online %s stopped by an internal error", self.path, LABEL[self.op])
         finally:
             self.ended = time.monotonic()
+            self.server.ended(self)
 
     def _carry_out(self) -> None:
         core = self.core
@@ -397,6 +399,8 @@ class ControlServer:
         self.ops: dict[str, OnlineOp] = {}  # by folder path at rest
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
+        self._resumes: list[OnlineOp] = []  # started by live(), once the mount serves
+        self._ready = None
 
     def start(self) -> "ControlServer":
         if os.path.lexists(self.path):
@@ -417,8 +421,41 @@ class ControlServer:
             os.umask(old)
         sock.listen(8)
         self._sock = sock
+        self._queue_resumes()
         threading.Thread(target=self._serve, daemon=True, name="control").start()
         return self
+
+    def _queue_resumes(self) -> None:
+        """Every folder a crash left mid-way (FORMAT.md 7.8), listed in the status from the start (the CLI's
+        `mount` names them once the mount is live); each is carried out online like a new request."""
+        for path, op, *_ in lifecycle.interrupted_folders(self.datastore):
+            real = os.path.realpath(path)
+            resume = OnlineOp(self, real, os.path.relpath(real, self.datastore), op, None, None, resumed=True)
+            self.ops[real] = resume
+            self._resumes.append(resume)
+            log.info("%s: an interrupted in-place %s is resumed online once the mount is live", real, LABEL[op])
+
+    def live(self, ready) -> None:
+        """The mount serves and has said so (READY=1, or its readiness pipe): start the resumes now, so that
+        however long they take they never delay the mount's readiness (systemd's start time-out)."""
+        with self._lock:
+            self._ready = ready
+            resumes = list(self._resumes)
+        if resumes:
+            ready.update_status(f"resuming the interrupted in-place {', '.join(LABEL[r.op] for r in resumes)} of "
+                                f"{', '.join(r.path for r in resumes)}")
+        for r in resumes:
+            r.thread.start()
+
+    def ended(self, op: OnlineOp) -> None:
+        """An operation's thread ends: once every resume has, systemd's STATUS says how they went."""
+        with self._lock:
+            if not op.resumed or self._ready is None or any(r.ended is None for r in self._resumes):
+                return
+            failed = [r for r in self._resumes if r.state == "failed"]
+            ready = self._ready
+        ready.update_status(f"{len(failed)} interrupted operation(s) not resumed: {', '.join(r.path for r in failed)} "
+                            "(see the log)" if failed else None)
 
     def stop(self) -> None:
         with self._lock:
@@ -426,7 +463,8 @@ class ControlServer:
         for op in ops:
             op.stop()
         for op in ops:
-            op.thread.join(timeout=60)
+            if op.thread.ident is not None:  # a resume the mount never got to start has no thread to wait for
+                op.thread.join(timeout=60)
         if self._sock is not None:
             self._sock.close()
             try:
