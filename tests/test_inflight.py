@@ -42,6 +42,81 @@ def _configure(env, name: str, mnt: str) -> None:
 
 
 @pytest.mark.cli
+def test_info_says_an_interrupted_reencryption_is_in_progress_and_a_damaged_folder_is_damaged(small_regions):
+    env = small_regions
+    vm, _ = make_vm(env.ds)
+    run_killed(env, vm, ["encrypt"], 10, True, [0])  # SIGKILLed inside its 10th region
+    at_rest = state(vm)
+    lost, _ = make_vm(env.ds, "lost")  # keys lost: encrypted, then its key file removed
+    env.run("encrypt", lost)
+    os.unlink(os.path.join(lost, ".vmfs-crypt.json"))
+    broken, _ = make_vm(env.ds, "broken")  # a state FORMAT.md 7.8 rejects: damaged, not "in progress"
+    run_killed(env, broken, ["encrypt"], 3, False, [0])
+    with open(os.path.join(broken, ".vmfs-crypt.json"), encoding="utf-8") as f:
+        doc = json.load(f)
+    doc["reencrypt"]["files"][0]["boundary"] = 512  # neither its size nor a multiple of regionSize
+    with open(os.path.join(broken, ".vmfs-crypt.json"), "w", encoding="utf-8") as f:
+        json.dump(doc, f)
+
+    rc, one = _info(env, vm)
+    assert rc == 0, one
+    assert (one["state"], one["damage"], one["damage_code"], one["encrypted"]) == ("reencrypting", None, None, False)
+    disk = next(f for f in at_rest["files"] if f["name"] == "disk-flat.vmdk")
+    r = one["reencrypt"]
+    assert (r["op"], r["where"], r["file"]) == ("encrypt", "at-rest", "disk-flat.vmdk"), r
+    total = sum(f["size"] for f in at_rest["files"])
+    assert 0 < disk["boundary"] < disk["size"] and r["done_bytes"] == disk["boundary"]
+    assert r["percent"] == round(100.0 * disk["boundary"] / total, 1)
+    assert {f["name"]: f["role"] for f in one["files"]}["disk-flat.vmdk"] == "reencrypting"
+    text = env.run("info", vm).stdout.decode()
+    assert f"{vm}: re-encryption in progress: encrypt, file disk-flat.vmdk, {r['percent']:.1f} %" in text, text
+    assert "'vmfs-crypt mount'" in text and f"'vmfs-crypt encrypt {vm}'" in text and "DAMAGED" not in text, text
+
+    rc, ds = _info(env, env.ds)
+    folders = {f["name"]: f for f in ds["folders"]}
+    assert folders["vm1"]["state"] == "reencrypting" and folders["vm1"]["damage"] is None
+    assert folders["lost"]["state"] == "damaged" and "lost" in folders["lost"]["damage"]
+    assert folders["broken"]["state"] == "damaged" and "boundary" in folders["broken"]["damage"]
+    assert folders["broken"]["reencrypt"] is None
+    assert rc != 0  # the damaged folders make info fail; the one in flight does not
+    out = env.run("info", env.ds, check=False)
+    summary = out.stdout.decode()
+    assert "3 folder(s), 0 encrypted, 1 being re-encrypted, 2 DAMAGED" in summary, summary
+    assert f"vm1: re-encryption in progress: encrypt, file disk-flat.vmdk" in summary, summary
+    assert b"vm1 is damaged" not in out.stderr and b"is damaged (and 1 more" in out.stderr, out.stderr
+
+
+@pytest.mark.cli
+@pytest.mark.fuse
+def test_info_of_an_online_deep_rekey_says_the_mount_carries_it_out(small_regions):
+    env = small_regions
+    vm, files = make_vm(env.ds)
+    env.run("encrypt", vm)
+    mnt = _mnt(env)
+    env.run("mount", env.ds, mnt)
+    try:
+        folder = os.path.join(mnt, "vm1")
+        env.run("rekey", "--deep", "--background", "--rate", "1M", folder)  # half a minute: paused long before
+        env.run("pause", folder)
+        rc, one = _info(env, folder)  # through the mount: answered for the folder at rest
+        assert rc == 0 and one["state"] == "reencrypting" and one["damage"] is None, one
+        r = one["reencrypt"]
+        assert (r["op"], r["where"], r["paused"]) == ("rekey", "online", True), r
+        assert r["file"] in ("disk-flat.vmdk", "vm1.nvram") and one["encrypted"] is True
+        text = env.run("info", folder).stdout.decode()
+        assert ": re-encryption in progress: deep rekey (paused), file " in text, text
+        assert f"carried out online by the mount of {os.path.realpath(env.ds)}" in text, text
+        env.run("resume", "--rate", "1G", folder)
+        env.run("operations", "--wait")
+        rc, one = _info(env, folder)
+        assert rc == 0 and (one["state"], one["reencrypt"]) == ("encrypted", None), one
+        with open(os.path.join(folder, "disk-flat.vmdk"), "rb") as f:
+            assert f.read() == files["disk-flat.vmdk"]
+    finally:
+        env.run("umount", mnt, check=False)
+
+
+@pytest.mark.cli
 @pytest.mark.fuse
 def test_a_mount_started_by_the_agent_with_name_resumes_an_interrupted_operation(small_regions):
     """`mount --name` goes through the agent, which runs the mount: it resumes online like any other mount."""

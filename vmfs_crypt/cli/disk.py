@@ -126,10 +126,21 @@ def rekey(c, path, deep, provider, background, rate):
     note(f"the old key {old.key_id} is no longer used by this folder", err=True)
 
 
+STATE_WORDS = {"encrypted": "encrypted", "damaged": "DAMAGED", "plain": "not encrypted"}
+
+
+def reencrypt_line(r: dict) -> str:
+    """One line for an in-place operation in flight: "re-encryption in progress: deep rekey, file X, 42.0 %"."""
+    return (f"re-encryption in progress: {r['label']}{' (paused)' if r['paused'] else ''}"
+            + (f", file {r['file']}" if r["file"] else "") + f", {r['percent']:.1f} %")
+
+
 def _echo_folder(result: dict, indent: str = "") -> None:
-    state = result["state"]
+    r = result.get("reencrypt")
     click.echo(f"{indent}{result.get('path', result['folder'])}: "
-               f"{'encrypted' if state == 'encrypted' else 'DAMAGED' if state == 'damaged' else 'not encrypted'}")
+               + (reencrypt_line(r) if r else STATE_WORDS.get(result["state"], result["state"])))
+    if r:
+        click.echo(f"{indent}  {r['hint']}")
     if result["damage"]:
         click.echo(f"{indent}  {result['damage']}")
     if result["kek"]:
@@ -145,8 +156,9 @@ def _echo_datastore(result: dict) -> None:
     folders = result["folders"]
     encrypted = sum(1 for f in folders if f["state"] == "encrypted")
     damaged = sum(1 for f in folders if f["state"] == "damaged")
+    moving = sum(1 for f in folders if f["reencrypt"])
     click.echo(f"{result['path']}: datastore, {len(folders)} folder(s), {encrypted} encrypted"
-               + (f", {damaged} DAMAGED" if damaged else ""))
+               + (f", {moving} being re-encrypted" if moving else "") + (f", {damaged} DAMAGED" if damaged else ""))
     if result["backing_path"] != result["path"]:
         click.echo(f"  (through the mount: at rest {result['backing_path']})")
     if result["state"] != "plain" or result["files"]:
@@ -165,6 +177,8 @@ def _echo_datastore(result: dict) -> None:
     for r in rows:
         click.echo("  " + "  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
     for f in folders:
+        if f["reencrypt"]:
+            click.echo(f"  {f['name']}: {reencrypt_line(f['reencrypt'])}; {f['reencrypt']['hint']}")
         if f["damage"]:
             click.echo(f"  {f['name']}: {f['damage']}")
     if verbose():

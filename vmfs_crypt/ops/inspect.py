@@ -15,6 +15,12 @@ from ..format.journal import journal_problem
 from ..format.inventory import folder_files, walk_folders
 from ..format.keysafe import CIPHER_NAME
 from ..fs.mounts import backing_path
+from . import online
+
+# A folder whose in-place encrypt, decrypt or deep rekey is in flight (FORMAT.md 7.8): neither
+# encrypted nor damaged, and not plain; `reencrypt` says which operation, how far, and where it runs.
+REENCRYPTING = "reencrypting"
+LABEL = {"encrypt": "encrypt", "decrypt": "decrypt", "rekey": "deep rekey"}
 
 
 def _damage_code(folder: VmFolder) -> str:
@@ -49,6 +55,57 @@ def _disk_count(folder: VmFolder, files: list[dict]) -> int:
     return sum(1 for f in files if f["name"].lower().endswith(".vmdk") and owners.get(f["name"], f["name"]) == f["name"])
 
 
+def _in_flight(folder: VmFolder):
+    """The folder's in-place re-encryption in flight (a valid FORMAT.md 7.8 state), else None; an invalid
+    state raises, as every reader must refuse it (the folder is damaged then)."""
+    return folder.load_keys(allow_reencrypt=True).reencrypt
+
+
+def _live_status(folder_dir: str) -> tuple[str | None, dict | None]:
+    """(datastore, the mount's status of the folder's operation) when a vmfs-crypt mount serves it; the status
+    is None when that mount carries out no operation there, or is not ours to ask (another user's)."""
+    datastore = online.mounted_datastore(folder_dir)
+    if datastore is None:
+        return None, None
+    try:
+        resp = online.request(datastore, {"cmd": "status"}, timeout_s=5.0)
+    except (OSError, ValueError, VmfsCryptError):
+        return datastore, None
+    ops = resp.get("ops", []) if resp and resp.get("ok") else []
+    real = os.path.realpath(folder_dir)
+    return datastore, next((o for o in ops if o["folder"] == real), None)
+
+
+def reencrypt_info(folder: VmFolder, state) -> dict:
+    """What `info` says of an in-place operation in flight: which, how far (from the state at rest, which the
+    writer updates region by region, or the mount's own figures), and who carries it out or resumes it."""
+    total = sum(f.size for f in state.files)
+    done = sum(f.boundary for f in state.files)
+    current = state.current()
+    command = f"vmfs-crypt {'rekey --deep' if state.op == 'rekey' else state.op} {folder.backing_dir}"
+    datastore, live = _live_status(folder.backing_dir)
+    running = live is not None and live["state"] in ("starting", "running", "paused")
+    if running:
+        where = "online"
+        hint = f"carried out online by the mount of {datastore}" + (" (paused: 'vmfs-crypt resume' goes on)"
+                                                                     if live["state"] == "paused" else "")
+    elif datastore is not None:
+        where = "interrupted"
+        why = f" ({live['error']})" if live is not None and live.get("error") else ""
+        hint = (f"interrupted{why}: the mount of {datastore} serves none of its encrypted files; "
+                f"'{command}' resumes it (through the mount), as does the next mount")
+    else:
+        where = "at-rest"
+        hint = (f"interrupted at rest: 'vmfs-crypt mount' of the datastore resumes it online, "
+                f"or '{command}' offline")
+    return {"op": state.op, "label": LABEL[state.op], "command": command, "where": where,
+            "paused": bool(running and live["state"] == "paused"),
+            "file": (live.get("file") if running and live.get("file") else None) or (current.name if current else None),
+            "done_bytes": done, "total_bytes": total,
+            "percent": round(100.0 * done / total, 1) if total else 100.0,
+            "kek_after": state.kek.to_json() if state.kek else None, "hint": hint}
+
+
 def folder_info(folder: VmFolder) -> dict:
     """One folder: its state, why it is damaged and how to repair it, its KEK, and each file's role."""
     state = folder.state()
@@ -57,14 +114,26 @@ def folder_info(folder: VmFolder) -> dict:
               "encrypted": state is FolderState.ENCRYPTED,
               "damage": folder.damage() if damaged else None, "damage_code": _damage_code(folder) if damaged else None,
               "cipher": CIPHER_NAME if state is not FolderState.PLAIN else None,
-              "sector_size": SECTOR_SIZE, "kek": None, "disks": 0, "file_count": 0, "files": []}
+              "sector_size": SECTOR_SIZE, "kek": None, "disks": 0, "file_count": 0, "files": [], "reencrypt": None}
     try:
         if state is FolderState.ENCRYPTED:
+            flight = _in_flight(folder)
+            if flight is not None:
+                # Every byte is under the old or the new key: encrypted only for a deep rekey.
+                result.update(state=REENCRYPTING, encrypted=flight.op == "rekey",
+                              reencrypt=reencrypt_info(folder, flight))
+                folder.allow_reencrypt = True  # listing only: the files of the operation are shown as such
             result["kek"] = folder.load_keys().kek.to_json()
         result["files"] = [_file_json(f) for f in folder_files(folder)]
+        if result["reencrypt"] is not None:
+            for f in result["files"]:
+                entry = flight.entry(f["name"])
+                if entry is not None:
+                    f.update(role=REENCRYPTING, reencrypt={"boundary": entry.boundary, "size": entry.size})
         result["disks"], result["file_count"] = _disk_count(folder, result["files"]), len(result["files"])
     except VmfsCryptError as exc:
-        result.update(state=FolderState.DAMAGED.value, encrypted=False, damage=str(exc), damage_code=exc.code)
+        result.update(state=FolderState.DAMAGED.value, encrypted=False, damage=str(exc), damage_code=exc.code,
+                      reencrypt=None)
     return result
 
 
