@@ -78,6 +78,15 @@ def _dtype_mode(entry: os.DirEntry) -> int:
     return stat.S_IFMT(entry.stat(follow_symlinks=False).st_mode)
 
 
+def _put_back(folder: VmFolder, keys: FolderKeys, name: str, previous: KeyRecord | None) -> None:
+    """Undo a key entry change: `name` gets its previous record again (none: no entry), and the key file is saved."""
+    if previous is None:
+        keys.files.pop(name, None)
+    else:
+        keys.files[name] = previous
+    folder.save_keys(keys)
+
+
 def _enoent() -> OSError:
     return OSError(errno.ENOENT, os.strerror(errno.ENOENT))
 
@@ -720,11 +729,7 @@ class VmfsCore:
             dst.save_keys(dst_keys)
             self._rename_entry(eo, en, flags)
         except BaseException:
-            if previous is None:
-                dst_keys.files.pop(en.name, None)
-            else:
-                dst_keys.files[en.name] = previous
-            dst.save_keys(dst_keys)
+            _put_back(dst, dst_keys, en.name, previous)
             self._restore_descriptors(stripped, dst_parent)
             raise
         if src_keys.files.pop(eo.name, None) is not None:
@@ -911,12 +916,7 @@ class VmfsCore:
                         exists = True
                         if new_key is not None:
                             with self._keys_locked(folder):
-                                keys = folder.load_keys()
-                                if previous is None:
-                                    keys.files.pop(e.name, None)
-                                else:
-                                    keys.files[e.name] = previous
-                                folder.save_keys(keys)
+                                _put_back(folder, folder.load_keys(), e.name, previous)
                 if exists and flags & os.O_EXCL:
                     raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
             if exists:
@@ -1160,11 +1160,7 @@ class VmfsCore:
                 try:
                     self._unkey_name(folder, e.name, parent)
                 except BaseException:
-                    if previous is None:
-                        keys.files.pop(e.name, None)
-                    else:
-                        keys.files[e.name] = previous
-                    folder.save_keys(keys)
+                    _put_back(folder, keys, e.name, previous)
                     raise
         handle.truncate(0)
         if shared.opens != 1 or os.fstat(handle.fd).st_nlink != 1:
