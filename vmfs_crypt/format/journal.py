@@ -222,11 +222,16 @@ def _keys_now(folder: VmFolder, current_raw: bytes | None, path: str,
         except FormatError as exc:
             raise _reject(path, f"the folder key file it would replace cannot be read ({exc})") from None
         out.update({name: rec.data.encode() for name, rec in current.files.items()})
-        if current.reencrypt is not None and not rewritten:
-            if not all(f.done for f in current.reencrypt.files):
+        state = current.reencrypt
+        if state is not None and not rewritten:
+            if state.aborting and all(f.boundary == 0 for f in state.files):
+                # An abort's commit: every file is back under its `from` record (none: plaintext).
+                finished = {f.name: f.frm.data.encode() if f.frm else None for f in state.files}
+            elif state.aborting or not all(f.done for f in state.files):
                 raise _reject(path, "it would replace the key file of an in-place re-encryption that is not "
                               "finished (its files are under two keys)")
-            finished = {f.name: f.to.data.encode() if f.to else None for f in current.reencrypt.files}
+            else:
+                finished = {f.name: f.to.data.encode() if f.to else None for f in state.files}
     out.update(_descriptor_keys(folder, {}, {}))
     return out, finished
 

@@ -48,14 +48,28 @@ class ReencryptState:
     region_size: int
     kek: KeyRef | None  # the folder's KEK after the commit (None: the folder becomes plain)
     files: list[ReencryptFile] = field(default_factory=list)
+    # Aborted: the writer moves every boundary back to 0, returning the files to `from` (FORMAT.md 7.8).
+    aborting: bool = False
 
     def to_json(self) -> dict:
-        return {"op": self.op, "regionSize": self.region_size, "kek": self.kek.to_json() if self.kek else None,
-                "files": [f.to_json() for f in self.files]}
+        out = {"op": self.op, "regionSize": self.region_size, "kek": self.kek.to_json() if self.kek else None,
+               "files": [f.to_json() for f in self.files]}
+        if self.aborting:
+            out["aborting"] = True
+        return out
 
     def current(self) -> ReencryptFile | None:
-        """The first file that is not finished (the only one that may have a region in flight)."""
+        """The file whose region may be in flight: the first one not finished, or, aborting, the last one begun."""
+        if self.aborting:
+            return next((f for f in reversed(self.files) if f.boundary > 0), None)
         return next((f for f in self.files if not f.done), None)
+
+    def region_of(self, f: ReencryptFile) -> tuple[int, int]:
+        """(offset, length) of the region the writer rewrites next in `f`: at its boundary, or, aborting, below it."""
+        if self.aborting:
+            low = (f.boundary - 1) // self.region_size * self.region_size if f.boundary else 0
+            return low, f.boundary - low
+        return f.boundary, min(self.region_size, f.size - f.boundary)
 
     def entry(self, name: str) -> ReencryptFile | None:
         return next((f for f in self.files if f.name == name), None)
@@ -66,7 +80,9 @@ class ReencryptState:
         what = f"{what}: reencrypt"
         if not isinstance(obj, dict):
             raise FormatError(f"{what}: must be an object")
-        check_members(obj, {"op", "regionSize", "kek", "files"}, what)
+        check_members(obj, {"op", "regionSize", "kek", "files"} | ({"aborting"} if "aborting" in obj else set()), what)
+        if "aborting" in obj and obj["aborting"] is not True:
+            raise FormatError(f"{what}: aborting must be true when present")
         op, region = obj["op"], obj["regionSize"]
         if op not in OPS:
             raise FormatError(f"{what}: unknown op {op!r}")
@@ -105,7 +121,7 @@ class ReencryptState:
             if (frm is None and have is not None) or (frm is not None and (have is None or have.as_json() != frm.as_json())):
                 raise FormatError(f"{fw}: files[{name!r}] must be exactly its from record (absent when from is null)")
             out.append(ReencryptFile(name, size, boundary, frm, to, desc))
-        return cls(op, region, kek, out)
+        return cls(op, region, kek, out, aborting="aborting" in obj)
 
 
 def _plain_name(name) -> bool:
@@ -137,15 +153,16 @@ def write_region(folder_dir: str, name: str, offset: int, old: bytes) -> None:
         fsync_dir(folder_dir)
 
 
-def read_region(folder_dir: str, current: ReencryptFile | None, region_size: int) -> tuple[int, bytes] | None:
-    """(offset, old bytes) of a valid sidecar for `current`'s region at its boundary; None when there is none.
+def read_region(folder_dir: str, state: ReencryptState) -> tuple[int, bytes] | None:
+    """(offset, old bytes) of a valid sidecar for the region in flight of the state's current file; None when there is none.
 
     Anything else (torn, stale, for another file or offset) is ignored: the writer changes no
     byte of a region before its sidecar is complete and fsynced (FORMAT.md 7.8).
     """
+    current = state.current()
     if current is None:
         return None
-    want = min(region_size, current.size - current.boundary)
+    offset, want = state.region_of(current)
     try:
         fd = open_regular(region_path(folder_dir))
     except FileNotFoundError:
@@ -166,10 +183,10 @@ def read_region(folder_dir: str, current: ReencryptFile | None, region_size: int
         return None
     body = raw[nl + 1:]
     if (head["format"] != REGION_FORMAT or not exact_int(head["version"], 1) or head["file"] != current.name
-            or not exact_int(head["offset"], current.boundary) or not exact_int(head["length"], want)
+            or not exact_int(head["offset"], offset) or not exact_int(head["length"], want)
             or len(body) != want or head["sha256"] != hashlib.sha256(body).hexdigest()):
         return None
-    return current.boundary, body
+    return offset, body
 
 
 def remove_region(folder_dir: str) -> None:

@@ -85,29 +85,37 @@ def hold(core, inode: tuple[int, int], rel: str, frm, to, op: str) -> HeldFile:
     return held
 
 
-def finish(core, held: HeldFile, new_kek) -> None:
+def finish(core, held: HeldFile, kek, back: bool = False) -> None:
     """After the commit: the file is under its new key (or plain), and its handles are of its new kind.
 
-    The DEK cache's count for the old key record ends here (the record no longer keys the
-    file), so no old DEK outlives the operation. The caller holds core's metadata lock.
+    `back`: the operation was aborted, the file is under its old key again (`kek` is the
+    folder's, unchanged). Else the DEK cache's count for the old key record ends here (the
+    record no longer keys the file), so no old DEK outlives the operation. The caller holds
+    core's metadata lock.
     """
     shared = held.shared
+    final = held.frm if back else held.to
     shared.lock.acquire_write()
     try:
-        held.set_boundary(core, None)
+        if back:
+            cipher = final if final is not None else split_cipher(None, None, 0)
+            shared.cipher = cipher
+            core.datapath.set_cipher(shared.lock, cipher)
+        else:
+            held.set_boundary(core, None)
+            if shared.record is not None:
+                core.deks.release(shared.record)
+            shared.record = None
+            shared.kek_hint = kek
         shared.online = None
-        if shared.record is not None:
-            core.deks.release(shared.record)
-        shared.record = None
-        shared.kek_hint = new_kek
     finally:
         shared.lock.release_write()
     for number, handle in core.files.items():
         if getattr(handle, "file", None) is not shared:
             continue
-        if held.to is None and isinstance(handle, EncryptedHandle):
+        if final is None and isinstance(handle, EncryptedHandle):
             core.files.replace(number, PlainHandle(handle.rel, handle.fd, shared))
-        elif held.to is not None and isinstance(handle, PlainHandle):
+        elif final is not None and isinstance(handle, PlainHandle):
             core.files.replace(number, EncryptedHandle(handle.rel, handle.fd, shared, core._is_revoked))
     core.drop_shared(shared)
 

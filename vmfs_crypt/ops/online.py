@@ -64,7 +64,7 @@ class OnlineOp:
     """One operation on one folder, in its own thread of the mount process."""
 
     def __init__(self, server: "ControlServer", folder_path: str, rel: str, op: str, provider: str | None,
-                 rate: int | None, resumed: bool = False) -> None:
+                 rate: int | None, resumed: bool = False, abort: bool = False) -> None:
         self.server = server
         self.core = server.core
         self.path = folder_path  # at rest, for messages
@@ -83,6 +83,10 @@ class OnlineOp:
         self._go = threading.Event()  # cleared while paused
         self._go.set()
         self._stop = threading.Event()
+        self._abort = threading.Event()  # `vmfs-crypt abort`: back to the old keys (set from the start: abort one at rest)
+        if abort:
+            self._abort.set()
+        self.aborting = False  # the state at rest is the abort's
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"online {op} {rel}")
 
     # -- control ---------------------------------------------------------------------------
@@ -91,6 +95,14 @@ class OnlineOp:
 
     def resume(self) -> None:
         self._go.set()
+
+    def abort(self) -> None:
+        """Return to the old keys: the forward run stops after its region in flight and the boundaries go back."""
+        self._abort.set()
+        self._go.set()
+
+    def _forward_stopped(self, state) -> bool:
+        return self._stop.is_set() or (self._abort.is_set() and not state.aborting)
 
     def stop(self) -> None:
         """The mount is ending: stop after the region in flight (the next mount resumes)."""
@@ -104,6 +116,7 @@ class OnlineOp:
         left = max(self.total_bytes - self.done_bytes, 0)
         shown = "paused" if self.state in ("starting", "running") and not self._go.is_set() else self.state
         return {"folder": self.path, "path": self.rel, "op": self.op, "state": shown, "file": self.file,
+                "aborting": self._abort.is_set(),
                 "done_bytes": self.done_bytes, "total_bytes": self.total_bytes,
                 "percent": round(100.0 * self.done_bytes / self.total_bytes, 1) if self.total_bytes else 100.0,
                 "bytes_per_s": round(speed), "eta_s": round(left / speed, 1) if speed > 0 and left else 0.0,
@@ -116,8 +129,9 @@ class OnlineOp:
             self.state = "running"
             self._carry_out()
             if self.state == "running":
-                self.state = "done"
-                log.info("%s: online %s finished", self.path, LABEL[self.op])
+                self.state = "aborted" if self.aborting else "done"
+                log.info("%s: online %s %s", self.path, LABEL[self.op],
+                         "aborted: the folder is under its old keys" if self.aborting else "finished")
         except (VmfsCryptError, OSError) as exc:
             self.state = "failed"
             self.error = str(exc) if isinstance(exc, VmfsCryptError) else f"{exc.strerror or exc}"
@@ -148,7 +162,8 @@ class OnlineOp:
                     raise InUseError(f"{self.path}: an online {core.online[inode].op} runs already")
                 core.online[inode] = mark  # from here, names in the folder do not change
             try:
-                keys = AgentClient(self.server.agent_socket, purpose=self.op)
+                purpose = ("rekey" if self.op == "rekey" else "decrypt") if self._abort.is_set() else self.op
+                keys = AgentClient(self.server.agent_socket, purpose=purpose)
                 with FolderTransaction(folder, f"online {LABEL[self.op]}") as tx:
                     plan = self._plan(tx, folder, keys, mark)
                     if plan is None:
@@ -164,16 +179,24 @@ class OnlineOp:
                             current = reencrypt.start(tx, self.op, kek, base, entries, strip,
                                                       reencrypt.region_size(ONLINE_REGION_SIZE))
                     state = current.reencrypt
-                    self._rewrite(folder, current, held)
+                    if not self._abort.is_set() or state.aborting:
+                        self._rewrite(folder, current, held)
+                    if self._abort.is_set() and not self._stop.is_set():
+                        self._begin_abort(folder, current, held)
+                        self._rewrite(folder, current, held)
                     if self._stop.is_set():
                         return
                     with self._descriptor_locks(), mark.gate:
                         remove_region(folder.backing_dir)
-                        reencrypt.commit_online(tx, current)
+                        if state.aborting:
+                            reencrypt.commit_abort(tx, current)
+                        else:
+                            reencrypt.commit_online(tx, current)
                     committed = True
                     with core._meta_lock:
                         for h in held.values():
-                            held_files.finish(core, h, state.kek)
+                            held_files.finish(core, h, current.kek if state.aborting else state.kek,
+                                              back=state.aborting)
                     held.clear()
             finally:
                 with core._meta_lock:
@@ -190,6 +213,13 @@ class OnlineOp:
         or (None, (kek, base, entries, strip), new DEKs by name) for a new one."""
         if folder.encrypted:
             current = folder.load_keys(allow_reencrypt=True)
+            if current.reencrypt is not None and self._abort.is_set():
+                log.info("%s: aborting the in-place %s online", self.path, LABEL[current.reencrypt.op])
+                self.op = current.reencrypt.op
+                return current, None, {}
+            if current.reencrypt is not None and current.reencrypt.aborting:
+                raise UsageError(f"{self.path}: the abort of an in-place {LABEL[current.reencrypt.op]} is in "
+                                 f"flight; finish it first with 'vmfs-crypt abort {self.path}'")
             if current.reencrypt is not None:
                 if current.reencrypt.op != self.op:
                     raise UsageError(f"{self.path}: an interrupted in-place {LABEL[current.reencrypt.op]} is in "
@@ -200,6 +230,8 @@ class OnlineOp:
                 if self.op == "encrypt":
                     keys.purpose = "decrypt"  # the part done is existing data (as ops/reencrypt.resume)
                 return current, None, {}
+        if self._abort.is_set():
+            raise UsageError(f"{self.path}: no encrypt, decrypt or deep rekey is in flight there; nothing to abort")
         infos = folder_files(folder)
         if self.op == "encrypt":
             if folder.encrypted:
@@ -273,35 +305,51 @@ class OnlineOp:
                 h.shared.lock.release_write()
         return h
 
-    def _rewrite(self, folder: VmFolder, current: FolderKeys, held: dict) -> None:
-        """Every region of every file, each with its file's write lock held; the boundary at rest, then in memory."""
+    def _begin_abort(self, folder: VmFolder, current: FolderKeys, held: dict) -> None:
+        """The state at rest becomes the abort's (FORMAT.md 7.8), with the file in flight held."""
         state = current.reencrypt
+        f = state.current()
+        lock = held[f.name].shared.lock if f is not None else None
+        if lock is not None:
+            lock.acquire_write()
+        try:
+            reencrypt.begin_abort(VmFolder(folder.backing_dir, self.path), current)
+        finally:
+            if lock is not None:
+                lock.release_write()
+        self.aborting = True
+        log.info("%s: the online %s goes back to the old keys (abort)", self.path, LABEL[self.op])
+
+    def _rewrite(self, folder: VmFolder, current: FolderKeys, held: dict) -> None:
+        """Every region of every file (in reverse when aborting), each with its file's write lock held."""
+        state = current.reencrypt
+        self.aborting = state.aborting
         d = folder.backing_dir
-        self.total_bytes = sum(max(f.size - f.boundary, 0) for f in state.files)
-        for f in state.files:
+        if state.aborting:
+            order, left = list(reversed(state.files)), sum(f.boundary for f in state.files)
+        else:
+            order, left = state.files, sum(max(f.size - f.boundary, 0) for f in state.files)
+        self.total_bytes = self.done_bytes + left
+        for f in order:
             h = held[f.name]
             what = os.path.join(self.path, f.name)
             self.file = f.name
             fd = reencrypt.open_rw(os.path.join(d, f.name))
             try:
                 lock = h.shared.lock
-                saved = read_region(d, f, state.region_size)
-                if saved is not None:  # a crash inside this region: its old bytes back first
-                    lock.acquire_write()
-                    try:
-                        off, old = saved
-                        reencrypt.store(fd, off, old, reencrypt.read_exact(fd, len(old), off, what), what, exact=True)
-                        os.fsync(fd)
-                    finally:
-                        lock.release_write()
-                while not self._stop.is_set():
+                lock.acquire_write()
+                try:  # a crash inside this region: its old bytes back first
+                    reencrypt.restore_saved(fd, d, state, f, what)
+                finally:
+                    lock.release_write()
+                while not self._forward_stopped(state):
                     self._go.wait()
-                    if self._stop.is_set():
+                    if self._forward_stopped(state):
                         break
                     began = time.monotonic()
                     lock.acquire_write()
                     try:
-                        span = self._zone(fd, f, lock, what, state.region_size)
+                        span = self._zone(fd, f, lock, what, state)
                     finally:
                         lock.release_write()
                     if span is None:
@@ -313,8 +361,9 @@ class OnlineOp:
                     finally:
                         lock.acquire_write()
                         try:
-                            if done:
-                                h.set_boundary(self.core, None if f.done else f.boundary // SECTOR_SIZE)
+                            if done:  # going back, a file is never "finished": B sectors under the new key
+                                h.set_boundary(self.core, None if f.done and not state.aborting
+                                               else f.boundary // SECTOR_SIZE)
                             lock.clear_hot()
                         finally:
                             lock.release_write()
@@ -324,58 +373,39 @@ class OnlineOp:
                         self._stop.wait(max(0.0, span[1] / self.rate - (time.monotonic() - began)))
             finally:
                 os.close(fd)
-            if self._stop.is_set():
+            if self._forward_stopped(state):
                 return
 
-    def _zone(self, fd: int, f, lock, what: str, region_size: int) -> tuple[int, int] | None:
-        """The region at the boundary, made the file's hot zone (the caller holds the write lock); None at the end.
+    def _zone(self, fd: int, f, lock, what: str, state) -> tuple[int, int] | None:
+        """The next region (at the boundary, or below it when aborting), made the file's hot zone; None at the end.
 
-        Only guest I/O that touches the region waits while it is rewritten; the rest of the
-        file is served meanwhile (as dm-crypt's online reencrypt holds I/O to its hotzone
-        only). The last region's zone runs past the end: a write that grows the file touches
-        the short tail sector, which the rewrite may hold.
+        The caller holds the write lock. Only guest I/O that touches the region waits while it
+        is rewritten; the rest of the file is served meanwhile (as dm-crypt's online reencrypt
+        holds I/O to its hotzone only). A region that ends at the file's end has a zone that
+        runs past it: a write that grows the file touches the short tail sector, which the
+        rewrite may hold.
         """
-        size = os.fstat(fd).st_size
-        if size < f.size:
-            raise DataError(f"{what}: shrank to {size} bytes during the online {LABEL[self.op]}")
-        if f.done:
+        reencrypt.sized(fd, f, state, what)  # a guest's writes past the end are rewritten too
+        if (f.boundary == 0) if state.aborting else f.done:
             return None
-        f.size = size  # a guest's writes past the end are under the old key, and are rewritten too
-        off = f.boundary
-        n = min(region_size, f.size - off)
+        off, n = state.region_of(f)
         lock.set_hot(off, off + n if off + n < f.size else HOT_TO_END)
         return off, n
 
     def _region(self, fd: int, d: str, current: FolderKeys, f, h, what: str, off: int, n: int) -> None:
         """Rewrite the hot zone's region (no guest I/O touches it now) and move the boundary at rest."""
-        old = reencrypt.read_exact(fd, n, off, what)
-        write_region(d, f.name, off, old)
-        stop_in = reencrypt.count_region()
-        try:
-            half = 0
-            if stop_in or reencrypt.HOLD_IN_ENV in os.environ:  # test-only: a crash, or a wait, inside the region
-                half = n // 2 // SECTOR_SIZE * SECTOR_SIZE
-                reencrypt.write_in_place(fd, off, old[:half], off // SECTOR_SIZE, h.frm, h.to, what)
-                os.fsync(fd)
-                if stop_in:
-                    reencrypt.stop_here()
-                reencrypt.hold_in_region()
-            reencrypt.write_in_place(fd, off + half, old[half:], (off + half) // SECTOR_SIZE, h.frm, h.to, what)
-            os.fsync(fd)
-        except BaseException:
-            # Put the region's old bytes back before anyone reads it under the old key again.
-            try:
-                reencrypt.store(fd, off, old, reencrypt.read_exact(fd, n, off, what), what, exact=True)
-                os.fsync(fd)
-            except (VmfsCryptError, OSError) as exc:
-                log.error("%s: could not put back bytes %d-%d after a failed rewrite (%s); its reads are refused "
-                          "until the next mount resumes the operation from the region saved in the folder",
-                          what, off, off + n, exc)
-                self.core.datapath.set_revoked(h.shared.lock, True)
-                h.shared.record = None
-            raise
-        f.boundary = off + n
-        VmFolder(d, self.path).save_keys(current)  # the boundary moves at rest: the region is under the new key
+        state = current.reencrypt
+
+        def lost(off: int, n: int, exc: Exception) -> None:
+            log.error("%s: could not put back bytes %d-%d after a failed rewrite (%s); its reads are refused "
+                      "until the next mount resumes the operation from the region saved in the folder",
+                      what, off, off + n, exc)
+            self.core.datapath.set_revoked(h.shared.lock, True)
+            h.shared.record = None
+
+        reencrypt.rewrite_region(fd, d, state, f, h.frm, h.to, what, lost=lost)
+        reencrypt.advance(f, state, off, n)
+        VmFolder(d, self.path).save_keys(current)  # the boundary moves at rest: the region is under its new key
 
 
 def _yield_cpu() -> None:

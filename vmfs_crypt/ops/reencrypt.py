@@ -103,6 +103,9 @@ def resume(tx: FolderTransaction, keys: KeyAccess, progress: ProgressFactory) ->
     current = folder.load_keys(allow_reencrypt=True)
     if current.reencrypt is None:
         return None
+    if current.reencrypt.aborting:
+        raise UsageError(f"{folder.backing_dir}: the abort of an in-place {current.reencrypt.op} is in flight; "
+                         f"finish it first with 'vmfs-crypt abort {folder.backing_dir}'")
     tx.check_in_use(Access.DATA)
     # Resuming reads data already under the new keys (an encrypt's too): the agent checks the
     # privilege of reading data, not of encrypting, which never hands out such a DEK (issue 11).
@@ -216,70 +219,174 @@ def _read_exact(fd: int, size: int, offset: int, what: str) -> bytes:
     return b"".join(parts)
 
 
+def _check_keyed_by_state(folder, state: ReencryptState) -> None:
+    for f in state.files:
+        if folder.descriptor_record_for(f.name) is not None:
+            raise FormatError(f"{os.path.join(folder.backing_dir, f.name)}: keyed by a descriptor during an in-place "
+                              f"{state.op}; refusing to guess which key its sectors are under")
+
+
+def sized(fd: int, f: ReencryptFile, state: ReencryptState, what: str) -> None:
+    """Check the file against its recorded size and follow its growth (FORMAT.md 7.8)."""
+    at_rest = os.fstat(fd).st_size
+    if at_rest < f.size:
+        raise DataError(f"{what}: is {at_rest} bytes, but its in-place {state.op} began at "
+                        f"{f.size}; it was changed meanwhile: restore it from a backup")
+    # Grown by a guest while a mount carried the operation online: past the recorded size the
+    # bytes are under the old key, or under the new one once the file was finished.
+    if f.done:
+        f.boundary = at_rest
+    f.size = at_rest
+
+
+def restore_saved(fd: int, d: str, state: ReencryptState, f: ReencryptFile, what: str) -> None:
+    """Interrupted inside a region of `f`: put the region's old bytes back from a valid sidecar (then redo it whole)."""
+    if state.current() is not f:
+        return
+    saved = read_region(d, state)
+    if saved is not None:
+        off, old = saved
+        store(fd, off, old, _read_exact(fd, len(old), off, what), what, exact=True)
+        os.fsync(fd)
+
+
+def rewrite_region(fd: int, d: str, state: ReencryptState, f: ReencryptFile, frm, to, what: str,
+                   done=lambda n: None, lost=None) -> tuple[int, int]:
+    """Steps 1 and 2 of FORMAT.md 7.8 for the next region of `f` (keys as the region goes: swapped when aborting).
+
+    Returns the region's (offset, length); the caller moves the boundary (step 3). On a failed
+    rewrite the old bytes are put back; `lost(offset, length, exc)` when even that fails.
+    """
+    global _regions_started
+    off, n = state.region_of(f)
+    if state.aborting:
+        frm, to = to, frm  # back from the new key to the old one
+    old = _read_exact(fd, n, off, what)
+    write_region(d, f.name, off, old)
+    _regions_started += 1
+    half = 0
+    if _regions_started == _STOP_IN or HOLD_IN_ENV in os.environ:  # test-only: a crash, or a wait, in step 2
+        half = n // 2 // SECTOR_SIZE * SECTOR_SIZE
+        _write_in_place(fd, off, old[:half], off // SECTOR_SIZE, frm, to, what, done)
+        os.fsync(fd)
+        if _regions_started == _STOP_IN:
+            _stop_here()
+        hold_in_region()
+    # progress per 4 MiB chunk: a 64 MiB region was one step (a 48 MiB file showed only 100 %)
+    try:
+        _write_in_place(fd, off + half, old[half:], (off + half) // SECTOR_SIZE, frm, to, what, done)
+        os.fsync(fd)
+    except BaseException:
+        # Put the region's old bytes back before anyone reads it by the state again (the sidecar has them too).
+        try:
+            store(fd, off, old, _read_exact(fd, n, off, what), what, exact=True)
+            os.fsync(fd)
+        except (DataError, OSError) as exc:
+            if lost is not None:
+                lost(off, n, exc)  # the valid sidecar restores it at the next run
+        raise
+    return off, n
+
+
+def advance(f: ReencryptFile, state: ReencryptState, off: int, n: int) -> None:
+    """Step 3's new boundary after the region [off, off + n) (forward: its end; aborting: its start)."""
+    f.boundary = off if state.aborting else off + n
+
+
 def run(tx: FolderTransaction, keys: KeyAccess, current: FolderKeys | None, progress: ProgressFactory,
         fresh: dict[str, bytes] | None = None) -> None:
-    """Carry the recorded operation to its end (from where it stopped) and commit its new keys.
+    """Carry the recorded operation (or its abort) to its end, from where it stopped, and commit.
 
     `fresh`: file name -> the new DEK just made for it (so a first run needs no unwrap of it).
     """
-    global _regions_started
     if current is None:
         return  # start() had nothing to rewrite and committed already
     folder = tx.folder
     state = current.reencrypt
     d = folder.backing_dir
-    for f in state.files:
-        if folder.descriptor_record_for(f.name) is not None:
-            raise FormatError(f"{os.path.join(d, f.name)}: keyed by a descriptor during an in-place {state.op}; "
-                              "refusing to guess which key its sectors are under")
-    left = sum(f.size - f.boundary for f in state.files)
-    label = {"encrypt": "encrypting", "decrypt": "decrypting", "rekey": "deep rekey"}[state.op]
+    _check_keyed_by_state(folder, state)
+    if state.aborting:
+        order, left = list(reversed(state.files)), sum(f.boundary for f in state.files)
+        label = "abort"
+    else:
+        order, left = state.files, sum(f.size - f.boundary for f in state.files)
+        label = {"encrypt": "encrypting", "decrypt": "decrypting", "rekey": "deep rekey"}[state.op]
     with progress(left, label) as bar:
-        for f in state.files:
-            if f.done:
+        for f in order:
+            if (f.boundary == 0) if state.aborting else f.done:
                 continue
             what = os.path.join(d, f.name)
             frm = _cipher(keys, f.frm, what)
             to = SectorCipher(fresh.pop(f.name)) if fresh and f.name in fresh else _cipher(keys, f.to, what)
             fd = _open_rw(what)
             try:
-                at_rest = os.fstat(fd).st_size
-                if at_rest < f.size:
-                    raise DataError(f"{what}: is {at_rest} bytes, but its in-place {state.op} began at "
-                                    f"{f.size}; it was changed meanwhile: restore it from a backup")
-                # Grown by a guest while a mount carried the operation online: the bytes past the
-                # recorded size are under the old key too (FORMAT.md 7.8).
-                f.size = at_rest
-                saved = read_region(d, f, state.region_size)
-                if saved is not None:
-                    # Interrupted inside this region: put its old bytes back, then redo it whole.
-                    off, old = saved
-                    store(fd, off, old, _read_exact(fd, len(old), off, what), what, exact=True)
-                    os.fsync(fd)
-                while not f.done:
-                    off = f.boundary
-                    n = min(state.region_size, f.size - off)
-                    old = _read_exact(fd, n, off, what)
-                    write_region(d, f.name, off, old)
-                    _regions_started += 1
-                    half = 0
-                    if _regions_started == _STOP_IN:  # test-only: a crash inside step 2
-                        half = n // 2 // SECTOR_SIZE * SECTOR_SIZE
-                        _write_in_place(fd, off, old[:half], off // SECTOR_SIZE, frm, to, what, bar.update)
-                        os.fsync(fd)
-                        _stop_here()
-                    # progress per 4 MiB chunk: a 64 MiB region was one step (a 48 MiB file showed only 100 %)
-                    _write_in_place(fd, off + half, old[half:], (off + half) // SECTOR_SIZE, frm, to, what,
-                                    bar.update)
-                    os.fsync(fd)
-                    f.boundary = off + n
-                    folder.save_keys(current)  # the boundary moves: the region is under the new key now
+                sized(fd, f, state, what)
+                restore_saved(fd, d, state, f, what)
+                while (f.boundary > 0) if state.aborting else not f.done:
+                    off, n = rewrite_region(fd, d, state, f, frm, to, what, bar.update)
+                    advance(f, state, off, n)
+                    folder.save_keys(current)  # the boundary moves: the region is under its new key now
                     if _regions_started == _STOP_AFTER:  # test-only: a crash between regions
                         _stop_here()
             finally:
                 os.close(fd)
     remove_region(d)
-    _commit(tx, current)
+    if state.aborting:
+        commit_abort(tx, current)
+    else:
+        _commit(tx, current)
+
+
+def begin_abort(folder, current: FolderKeys) -> None:
+    """Turn the operation in flight into its abort (FORMAT.md 7.8): no region of it is in flight afterwards.
+
+    The region in flight is restored from its sidecar first and the sidecar removed, so that
+    no sidecar of the forward run can be taken for one of the abort's.
+    """
+    state = current.reencrypt
+    if state.aborting:
+        return
+    d = folder.backing_dir
+    f = state.current()
+    if f is not None and read_region(d, state) is not None:
+        what = os.path.join(d, f.name)
+        fd = _open_rw(what)
+        try:
+            restore_saved(fd, d, state, f, what)
+        finally:
+            os.close(fd)
+    remove_region(d)
+    state.aborting = True
+    folder.save_keys(current)
+
+
+def abort(tx: FolderTransaction, keys: KeyAccess, progress: ProgressFactory) -> ReencryptState:
+    """Return a folder with an in-place operation in flight to its old keys, in place (`vmfs-crypt abort`, offline)."""
+    folder = tx.folder
+    current = folder.load_keys(allow_reencrypt=True) if folder.encrypted else None
+    if current is None or current.reencrypt is None:
+        raise UsageError(f"{folder.backing_dir}: no in-place encrypt, decrypt or deep rekey is in flight there; "
+                         "nothing to abort")
+    tx.check_in_use(Access.DATA)
+    _check_keyed_by_state(folder, current.reencrypt)
+    before = getattr(keys, "purpose", None)
+    if hasattr(keys, "purpose"):  # the data under both keys is read: as resume()
+        keys.purpose = "rekey" if current.reencrypt.op == "rekey" else "decrypt"
+    try:
+        begin_abort(folder, current)
+        run(tx, keys, current, progress)
+    finally:
+        if hasattr(keys, "purpose"):
+            keys.purpose = before
+    return current.reencrypt
+
+
+def commit_abort(tx: FolderTransaction, current: FolderKeys) -> None:
+    """Every file is back under `from`: the key metadata without the state (an aborted encrypt: a plain folder again)."""
+    if current.reencrypt.op == "encrypt" and not current.files:
+        tx.commit(None)  # an encrypt starts on a plain folder (lifecycle.encrypt_folder)
+        return
+    tx.commit(FolderKeys(current.kek, dict(current.files)))
 
 
 def _commit(tx: FolderTransaction, current: FolderKeys, check: bool = True) -> None:
@@ -305,13 +412,6 @@ open_rw = _open_rw
 read_exact = _read_exact
 write_in_place = _write_in_place
 stop_here = _stop_here
-
-
-def count_region() -> bool:
-    """One more region begins; True when the test-only stop point inside a region is this one."""
-    global _regions_started
-    _regions_started += 1
-    return _regions_started == _STOP_IN
 
 
 def hold_in_region() -> None:
