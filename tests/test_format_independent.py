@@ -200,8 +200,11 @@ def parse_in_flight(doc: dict) -> dict:
     if doc.get("features") != ["reencrypt"] or set(doc) != {"format", "version", "features", "kek", "files", "reencrypt"}:
         raise Refused("the feature and the member go together")
     st = doc["reencrypt"]
-    if not isinstance(st, dict) or set(st) != {"op", "regionSize", "kek", "files"} or st["op"] not in OPS:
+    members = {"op", "regionSize", "kek", "files"}
+    if not isinstance(st, dict) or set(st) - {"aborting"} != members or st["op"] not in OPS:
         raise Refused("bad reencrypt member")
+    if "aborting" in st and st["aborting"] is not True:  # optional; when present exactly true
+        raise Refused("aborting is not true")
     region = st["regionSize"]
     if type(region) is not int or region % SECTOR or not SECTOR <= region <= 1 << 30:
         raise Refused("bad regionSize")
@@ -229,9 +232,21 @@ def parse_in_flight(doc: dict) -> dict:
     return st
 
 
+def region_in_flight(st: dict, fs: dict) -> tuple[int, int]:
+    """(offset, length) of fs's region that may be in flight: at its boundary B, or, aborting, the one below it."""
+    b, r = fs["boundary"], st["regionSize"]
+    if st.get("aborting"):
+        lo = (b - 1) // r * r if b else 0
+        return lo, b - lo
+    return b, min(r, fs["size"] - b)
+
+
 def valid_sidecar(folder: str, st: dict, fs: dict) -> bytes | None:
-    """The old bytes of the region at fs's boundary, if the sidecar is valid for it (else it is ignored)."""
-    current = next((f for f in st["files"] if f["boundary"] < f["size"]), None)
+    """The saved bytes of fs's region in flight, if the sidecar is valid for it (else it is ignored)."""
+    if st.get("aborting"):  # the current file: the last one with a boundary above 0
+        current = next((f for f in reversed(st["files"]) if f["boundary"] > 0), None)
+    else:
+        current = next((f for f in st["files"] if f["boundary"] < f["size"]), None)
     if current is not fs:
         return None
     try:
@@ -244,10 +259,10 @@ def valid_sidecar(folder: str, st: dict, fs: dict) -> bytes | None:
         h = json.loads(head.decode("utf-8"))
     except ValueError:
         return None
-    n = min(st["regionSize"], fs["size"] - fs["boundary"])
+    off, n = region_in_flight(st, fs)
     if (not lf or not isinstance(h, dict) or set(h) != {"file", "format", "length", "offset", "sha256", "version"}
             or h["format"] != "vmfs-crypt-region" or h["version"] != 1 or h["file"] != fs["name"]
-            or h["offset"] != fs["boundary"] or h["length"] != n or len(body) != n
+            or h["offset"] != off or h["length"] != n or len(body) != n
             or h["sha256"] != hashlib.sha256(body).hexdigest()):
         return None
     return body
@@ -259,8 +274,8 @@ def entry_dek(entry: dict, key_files: dict[str, bytes]) -> bytes:
 
 
 def read_in_flight(folder: str, name: str, key_files: dict[str, bytes]) -> bytes:
-    """7.8 "Reading a sector": below the boundary (or all of a finished file) under `to`, in a valid sidecar's region
-    from it under `from`, else under `from`."""
+    """7.8 "Reading a sector": in a valid sidecar's region from it (under `from`; aborting, under `to`), else
+    below the boundary (or all of a finished file) under `to`, else under `from`."""
     doc = folder_keys(folder)
     st = parse_in_flight(doc)
     fs = next(f for f in st["files"] if f["name"] == name)
@@ -277,13 +292,15 @@ def read_in_flight(folder: str, name: str, key_files: dict[str, bytes]) -> bytes
     # a finished file is all under `to`, bytes past `size` included (it may grow online)
     b = len(backing) if fs["boundary"] == fs["size"] else fs["boundary"]
     saved = valid_sidecar(folder, st, fs)
+    off = region_in_flight(st, fs)[0]
+    saved_side = "to" if st.get("aborting") else "from"  # the bytes as they were before the region's rewrite
     deks = {side: entry_dek(fs[side], key_files) if fs[side] is not None else None for side in ("from", "to")}
     out = bytearray()
     for i in range(0, len(backing), SECTOR):
-        if i < b:
+        if saved is not None and off <= i < off + len(saved):
+            unit, dek = saved[i - off:i - off + SECTOR], deks[saved_side]
+        elif i < b:
             unit, dek = backing[i:i + SECTOR], deks["to"]
-        elif saved is not None and i < b + len(saved):
-            unit, dek = saved[i - b:i - b + SECTOR], deks["from"]
         else:
             unit, dek = backing[i:i + SECTOR], deks["from"]
         hole = not any(unit) and len(unit) >= 16

@@ -187,7 +187,7 @@ def reencrypt_vectors() -> str:
         write_region(d, RE_FILE, RE_BOUNDARY, r3)
         with open(region_path(d), "rb") as f:
             sidecar = f.read()
-        assert read_region(d, state.files[0], RE_REGION) == (RE_BOUNDARY, r3)
+        assert read_region(d, state) == (RE_BOUNDARY, r3)
     header = sidecar.split(b"\n", 1)[0].decode("ascii")
     w = 31
     rows = [("native primary key", VECTOR_PRIMARY.hex()),

@@ -69,7 +69,7 @@ def mount(c, datastore, mountpoint, name, foreground, options, allow_other, agen
     warn_backup(c.config)
 
 
-RESUMING = "resuming the interrupted in-place "
+RESUMING = "resuming the interrupted "  # an in-place operation, or the abort of one
 
 
 def _name_resumes(datastore: str) -> None:
@@ -80,7 +80,9 @@ def _name_resumes(datastore: str) -> None:
     systemd's READY=1. The mount lists them from its start, so none is missed here.
     """
     for op in resumed_operations(datastore):
-        note(f"{RESUMING}{'deep rekey' if op['op'] == 'rekey' else op['op']} of {op['folder']} online, in the mount; 'vmfs-crypt operations' "
+        name = "deep rekey" if op["op"] == "rekey" else op["op"]
+        what = f"abort of the in-place {name}" if op.get("aborting") else f"in-place {name}"
+        note(f"{RESUMING}{what} of {op['folder']} online, in the mount; 'vmfs-crypt operations' "
              "shows it ('--wait' waits for it)")
 
 

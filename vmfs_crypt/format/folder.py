@@ -83,9 +83,14 @@ class FolderKeys:
             records[name] = KeyRecord.from_json(rec, f"{what} entry {name!r}")
         state = ReencryptState.from_json(doc["reencrypt"], what, records) if in_flight else None
         if state is not None and not allow_reencrypt:
+            folder = os.path.dirname(os.path.abspath(what))
+            if state.aborting:
+                raise FormatError(f"{what}: the abort of an in-place {state.op} of this folder was interrupted; its "
+                                  f"files are refused until it is finished: run 'vmfs-crypt abort {folder}' (it goes "
+                                  "on where it stopped)")
             raise FormatError(f"{what}: an in-place {state.op} of this folder was interrupted; its files are refused "
                               f"until it is finished: run 'vmfs-crypt {state.op}{' --deep' if state.op == 'rekey' else ''} "
-                              f"{os.path.dirname(os.path.abspath(what))}' (it resumes where it stopped)")
+                              f"{folder}' (it resumes where it stopped)")
         return cls(kek, records, state)
 
 

@@ -44,6 +44,7 @@ class FolderResult:
     old_kek: KeyRef | None = None
     new_kek: KeyRef | None = None
     deep: bool = False
+    op: str | None = None  # abort_folder: the operation that was aborted ("encrypt", "decrypt", "rekey")
 
 
 def target_folder(path: str) -> VmFolder:
@@ -312,8 +313,16 @@ def cat_file(path: str, keys: KeyAccess, write: Callable[[bytes], None]) -> None
         os.close(fd)
 
 
-def interrupted_folders(datastore: str) -> list[tuple[str, str]]:
-    """Every folder of the datastore whose key file records an in-place operation in flight: (path, op)."""
+def abort_folder(path: str, keys: KeyAccess, progress: ProgressFactory) -> FolderResult:
+    """Return a folder whose in-place encrypt, decrypt or deep rekey is in flight (or aborting) to its old keys."""
+    folder = target_folder(path)
+    with FolderTransaction(folder, "abort") as tx:
+        state = reencrypt.abort(tx, keys, progress)
+    return FolderResult(folder.backing_dir, [f.name for f in state.files], op=state.op)
+
+
+def interrupted_folders(datastore: str) -> list[tuple[str, str, bool]]:
+    """Every folder of the datastore whose key file records an in-place operation in flight: (path, op, aborting)."""
     found = []
     for top, dirs, _files in os.walk(datastore):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".vmfs-crypt"))
@@ -324,6 +333,6 @@ def interrupted_folders(datastore: str) -> list[tuple[str, str]]:
         except (VmfsCryptError, OSError, ValueError):
             continue  # damaged, not in flight: the mount reports it for that folder
         if state is not None:
-            found.append((top, state.op))
+            found.append((top, state.op, state.aborting))
     return found
 

@@ -115,6 +115,8 @@ class OnlineOp:
         speed = self.done_bytes / elapsed
         left = max(self.total_bytes - self.done_bytes, 0)
         shown = "paused" if self.state in ("starting", "running") and not self._go.is_set() else self.state
+        if shown == "running" and self.aborting:
+            shown = "aborting"  # going back: done_bytes and total_bytes count the abort's bytes
         return {"folder": self.path, "path": self.rel, "op": self.op, "state": shown, "file": self.file,
                 "aborting": self._abort.is_set(),
                 "done_bytes": self.done_bytes, "total_bytes": self.total_bytes,
@@ -179,17 +181,18 @@ class OnlineOp:
                             current = reencrypt.start(tx, self.op, kek, base, entries, strip,
                                                       reencrypt.region_size(ONLINE_REGION_SIZE))
                     state = current.reencrypt
-                    if not self._abort.is_set() or state.aborting:
-                        self._rewrite(folder, current, held)
-                    if self._abort.is_set() and not self._stop.is_set():
-                        self._begin_abort(folder, current, held)
-                        self._rewrite(folder, current, held)
+                    if not state.aborting and not self._abort.is_set():
+                        self._rewrite(folder, current, held)  # forward, until done, stopped or aborted
+                    if self._abort.is_set() and not state.aborting and not self._stop.is_set():
+                        self._begin_abort(folder, current, held)  # the state at rest becomes the abort's
+                    if state.aborting and not self._stop.is_set():
+                        self._rewrite(folder, current, held)  # back to boundary 0, file by file
                     if self._stop.is_set():
                         return
                     with self._descriptor_locks(), mark.gate:
                         remove_region(folder.backing_dir)
                         if state.aborting:
-                            reencrypt.commit_abort(tx, current)
+                            reencrypt.commit_abort(tx, current, check=False)
                         else:
                             reencrypt.commit_online(tx, current)
                     committed = True
@@ -325,8 +328,9 @@ class OnlineOp:
         state = current.reencrypt
         self.aborting = state.aborting
         d = folder.backing_dir
-        if state.aborting:
+        if state.aborting:  # progress from here counts the way back
             order, left = list(reversed(state.files)), sum(f.boundary for f in state.files)
+            self.done_bytes = 0
         else:
             order, left = state.files, sum(max(f.size - f.boundary, 0) for f in state.files)
         self.total_bytes = self.done_bytes + left
@@ -458,12 +462,15 @@ class ControlServer:
     def _queue_resumes(self) -> None:
         """Every folder a crash left mid-way (FORMAT.md 7.8), listed in the status from the start (the CLI's
         `mount` names them once the mount is live); each is carried out online like a new request."""
-        for path, op, *_ in lifecycle.interrupted_folders(self.datastore):
+        for path, op, aborting in lifecycle.interrupted_folders(self.datastore):
             real = os.path.realpath(path)
-            resume = OnlineOp(self, real, os.path.relpath(real, self.datastore), op, None, None, resumed=True)
+            # An abort in flight goes on back to the old keys, never forward (FORMAT.md 7.8, "Aborting").
+            resume = OnlineOp(self, real, os.path.relpath(real, self.datastore), op, None, None, resumed=True,
+                              abort=aborting)
             self.ops[real] = resume
             self._resumes.append(resume)
-            log.info("%s: an interrupted in-place %s is resumed online once the mount is live", real, LABEL[op])
+            log.info("%s: an interrupted %s is resumed online once the mount is live", real,
+                     f"abort of an in-place {LABEL[op]}" if aborting else f"in-place {LABEL[op]}")
 
     def live(self, ready) -> None:
         """The mount serves and has said so (READY=1, or its readiness pipe): start the resumes now, so that
@@ -539,6 +546,8 @@ class ControlServer:
                 return {"ok": True, "ops": [op.status() for op in self.ops.values()]}
         if cmd == "start":
             return self._start(req)
+        if cmd == "abort":
+            return self._abort(req)
         if cmd in ("pause", "resume", "rate"):
             op = self.ops.get(self._folder(req.get("folder"))[0])
             if op is None or op.state not in ("running", "starting"):  # (a paused one is running)
@@ -578,6 +587,30 @@ class ControlServer:
             op = self.ops[real] = OnlineOp(self, real, rel, op_name, provider, _rate(req.get("rate")))
         op.thread.start()
         return {"ok": True, "op": op.status()}
+
+    def _abort(self, req: dict) -> dict:
+        """`vmfs-crypt abort`: the running (or paused) operation of the folder goes back, or one recorded at rest does."""
+        real, rel = self._folder(req.get("folder"))
+        with self._lock:
+            running = self.ops.get(real)
+            if running is not None and running.state in ("starting", "running"):
+                running.abort()
+                return {"ok": True, "op": running.status()}
+            state = _in_flight(real)
+            if state is None:
+                return {"ok": False, "code": "usage",
+                        "error": f"{real}: no encrypt, decrypt or deep rekey is in flight there; nothing to abort"}
+            op = self.ops[real] = OnlineOp(self, real, rel, state.op, None, _rate(req.get("rate")), abort=True)
+        op.thread.start()
+        return {"ok": True, "op": op.status()}
+
+
+def _in_flight(folder_path: str):
+    """The in-place operation recorded in the folder's key file at rest, or None (FORMAT.md 7.8)."""
+    folder = VmFolder(folder_path)
+    if not folder.encrypted:
+        return None
+    return folder.load_keys(allow_reencrypt=True).reencrypt
 
 
 def _rate(value) -> int | None:

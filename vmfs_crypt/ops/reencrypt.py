@@ -3,7 +3,8 @@
 Each region [b, b+R) is copied to the sidecar and fsynced, rewritten in place and fsynced,
 and only then is the boundary advanced by an atomic rewrite of the folder key file: extra
 space is one region, not a copy of the file. The key metadata switches to the new keys at
-the end, in one journal commit (ops/transaction.py).
+the end, in one journal commit (ops/transaction.py). An abort (`vmfs-crypt abort`) runs the
+same steps backwards, from each boundary down to 0, and commits the old keys.
 """
 
 import errno
@@ -307,7 +308,7 @@ def run(tx: FolderTransaction, keys: KeyAccess, current: FolderKeys | None, prog
     _check_keyed_by_state(folder, state)
     if state.aborting:
         order, left = list(reversed(state.files)), sum(f.boundary for f in state.files)
-        label = "abort"
+        label = "aborting"
     else:
         order, left = state.files, sum(f.size - f.boundary for f in state.files)
         label = {"encrypt": "encrypting", "decrypt": "decrypting", "rekey": "deep rekey"}[state.op]
@@ -381,12 +382,25 @@ def abort(tx: FolderTransaction, keys: KeyAccess, progress: ProgressFactory) -> 
     return current.reencrypt
 
 
-def commit_abort(tx: FolderTransaction, current: FolderKeys) -> None:
-    """Every file is back under `from`: the key metadata without the state (an aborted encrypt: a plain folder again)."""
-    if current.reencrypt.op == "encrypt" and not current.files:
-        tx.commit(None)  # an encrypt starts on a plain folder (lifecycle.encrypt_folder)
+def commit_abort(tx: FolderTransaction, current: FolderKeys, check: bool = True) -> None:
+    """Every file is back under `from`: the key metadata without the state (FORMAT.md 7.8, "The commit of an abort").
+
+    The old records stay in `files` (where the operation's start put them), except that a
+    deep rekey's file whose `descriptor` is named gets its old encryption lines back there.
+    An aborted encrypt of a folder that holds no other key (it was plain) makes it plain again.
+    """
+    state = current.reencrypt
+    if check:
+        tx.check_in_use(Access.DATA)  # our own writes changed the files: look again from here
+    files = dict(current.files)
+    if state.op == "encrypt" and not files and not any(d.has_encryption_lines for d in tx.folder.descriptors()):
+        tx.commit(None)  # an encrypt starts on a plain folder (lifecycle.encrypt_folder) and no key is left
         return
-    tx.commit(FolderKeys(current.kek, dict(current.files)))
+    for f in state.files:
+        if f.frm is not None and f.descriptor is not None:
+            tx.stage_descriptor(f.descriptor, f.frm)
+            files.pop(f.name, None)
+    tx.commit(FolderKeys(current.kek, files))
 
 
 def _commit(tx: FolderTransaction, current: FolderKeys, check: bool = True) -> None:

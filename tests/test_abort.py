@@ -1,0 +1,218 @@
+"""Issue 10: `vmfs-crypt abort` returns an interrupted in-place encrypt, decrypt or deep rekey to the old keys.
+
+The real CLI runs with small regions (as tests/test_reencrypt.py): the forward operation is
+SIGKILLed inside a region, then the abort is SIGKILLed at its own stop points (after a region,
+inside a region) and run again until it finishes. Between kills the folder is read by the
+independent reader written from FORMAT.md alone; at the end every byte at rest is what it was
+before the operation began (XTS is deterministic: the same plaintext under the old DEK gives
+the same ciphertext), the new DEK decrypts nothing, and the key metadata is the old one.
+"""
+
+import json
+import os
+
+import pytest
+
+from test_format_independent import read_plaintext
+from test_reencrypt import (DISK, REGION, assert_holes_kept, assert_old_dek_decrypts_nothing, dek_of, key_file,
+                            make_vm, run_killed, state)
+
+OPS = {"encrypt": ["encrypt"], "decrypt": ["decrypt"], "rekey": ["rekey", "--deep"]}
+
+
+def _at_rest(vm: str) -> dict[str, bytes]:
+    out = {}
+    for name in sorted(os.listdir(vm)):
+        if name.startswith(".vmfs-crypt-region"):
+            continue
+        with open(os.path.join(vm, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
+def _disk_state(st: dict) -> dict:
+    return next(f for f in st["files"] if f["name"] == "disk-flat.vmdk")
+
+
+@pytest.fixture
+def small_regions(venv_env):
+    venv_env.env["VMFS_CRYPT_REGION_SIZE"] = str(REGION)
+    return venv_env
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("op", ["encrypt", "decrypt", "rekey"])
+def test_a_killed_abort_resumes_and_every_file_is_back_under_its_old_key(small_regions, op):
+    env = small_regions
+    vm, files = make_vm(env.ds)
+    keys = key_file(env)
+    if op != "encrypt":
+        env.run("encrypt", vm)
+    before = _at_rest(vm)  # every file's bytes, the key file and the descriptor's key lines included
+
+    # The forward operation, killed inside region 60 of the disk: a valid sidecar, half the region rewritten.
+    fwd = run_killed(env, vm, OPS[op], 60, True, [0])
+    assert _disk_state(fwd)["boundary"] == 59 * REGION and "aborting" not in fwd
+    new_dek = dek_of(_disk_state(fwd)["to"], keys) if op == "rekey" else None
+
+    # The abort, killed after its 10th region, then inside its 20th (counted from where it starts).
+    peak = [0]
+    st = run_killed(env, vm, ["abort"], 10, False, peak)
+    assert st["aborting"] is True and _disk_state(st)["boundary"] == 49 * REGION, _disk_state(st)
+    forward = env.run(*OPS[op], vm, check=False)  # never resumed forward while its abort is in flight
+    assert forward.returncode == 2 and b"vmfs-crypt abort" in forward.stderr, forward.stderr
+    assert len(forward.stderr.strip().splitlines()) == 1, forward.stderr
+    st = run_killed(env, vm, ["abort"], 20, True, peak)
+    b = _disk_state(st)["boundary"]
+    assert st["aborting"] is True and b == 30 * REGION, b
+    with open(os.path.join(vm, ".vmfs-crypt-region"), "rb") as f:  # the abort's sidecar: the region below B
+        head, body = f.read().split(b"\n", 1)
+    assert (json.loads(head)["offset"], len(body)) == (b - REGION, REGION)
+    with open(os.path.join(vm, "disk-flat.vmdk"), "rb") as f:
+        f.seek(b - REGION)
+        now = f.read(REGION)
+    assert now[:REGION // 2] != body[:REGION // 2] and now[REGION // 2:] == body[REGION // 2:]
+    assert 0 < peak[0] <= REGION + 4096
+    # FORMAT.md alone reads the folder in the middle of the abort (7.8, the reading rule while aborting).
+    for name in files:
+        got, where = read_plaintext(vm, name, keys)
+        assert got == files[name], f"{name} unreadable in the middle of the abort"
+        assert (where == "reencrypt") == (name in ("disk-flat.vmdk", "vm1.nvram")), (name, where)
+    refused = env.run("cat", os.path.join(vm, "disk-flat.vmdk"), check=False)
+    assert refused.returncode != 0 and b"vmfs-crypt abort" in refused.stderr
+
+    out = env.run("abort", vm)
+    assert b"aborted" in out.stdout, out.stdout
+    assert state(vm) is None and not os.path.exists(os.path.join(vm, ".vmfs-crypt-region"))
+    after = _at_rest(vm)
+    for name in ("disk-flat.vmdk", "vm1.nvram", "vm1.vmx"):
+        assert after[name] == before[name], f"{name}: not the bytes it had before the {op}"
+    assert_holes_kept(vm)
+    if op == "encrypt":
+        assert ".vmfs-crypt.json" not in after, "an aborted encrypt of a plain folder left it encrypted"
+        assert after["disk.vmdk"] == before["disk.vmdk"]
+    else:
+        keys_doc = json.loads(after[".vmfs-crypt.json"])
+        assert keys_doc["features"] == [] and "reencrypt" not in keys_doc
+        assert keys_doc["kek"] == json.loads(before[".vmfs-crypt.json"])["kek"]
+        if op == "rekey":  # the descriptor has its old key lines back
+            assert after["disk.vmdk"] == before["disk.vmdk"]
+            assert_old_dek_decrypts_nothing(new_dek, after["disk-flat.vmdk"], files["disk-flat.vmdk"],
+                                            "disk-flat.vmdk")
+        for name in ("disk-flat.vmdk", "vm1.nvram"):
+            assert env.run("cat", os.path.join(vm, name)).stdout == files[name]
+            assert read_plaintext(vm, name, keys)[0] == files[name]
+    again = env.run("abort", vm, check=False)  # nothing in flight any more
+    assert again.returncode == 2, again.stderr
+    assert again.stderr.decode().strip() == f"vmfs-crypt: {vm}: no encrypt, decrypt or deep rekey is in flight " \
+                                            "there; nothing to abort"
+
+
+@pytest.mark.cli
+def test_an_abort_killed_before_its_first_region_and_after_its_last_finishes(small_regions):
+    """The kills at the edges: right after the state became the abort's (no region of it yet), and with every
+    boundary back at 0 but the commit not written (the folder is still in flight, all under `from`)."""
+    env = small_regions
+    vm, files = make_vm(env.ds)
+    env.run("encrypt", vm)
+    before = _at_rest(vm)
+    run_killed(env, vm, ["rekey", "--deep"], 3, False, [0])  # 3 regions of the disk under the new DEK
+    st = run_killed(env, vm, ["abort"], 3, False, [0])  # the abort's 3rd region brings the disk back to 0
+    assert st["aborting"] is True and all(f["boundary"] == 0 for f in st["files"]), st
+    for name in ("disk-flat.vmdk", "vm1.nvram"):
+        assert read_plaintext(vm, name, key_file(env))[0] == files[name]
+    env.run("abort", vm)
+    assert state(vm) is None
+    after = _at_rest(vm)
+    assert all(after[n] == before[n] for n in before if not n.startswith(".vmfs-crypt-region")), \
+        [n for n in before if after.get(n) != before[n]]
+
+
+@pytest.mark.cli
+def test_abort_of_a_folder_with_nothing_in_flight_is_one_line_and_changes_nothing(venv_env):
+    env = venv_env
+    vm, _ = make_vm(env.ds)
+    before = _at_rest(vm)
+    out = env.run("abort", vm, check=False)
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1 and b"nothing to abort" in out.stderr
+    assert b"Traceback" not in out.stderr
+    env.run("encrypt", vm)
+    encrypted = _at_rest(vm)
+    out = env.run("abort", os.path.join(vm, "disk.vmdk"), check=False)
+    assert out.returncode == 2 and b"nothing to abort" in out.stderr
+    assert _at_rest(vm) == encrypted and before != encrypted
+
+
+# -- the MUST-reject rules of the `aborting` member (FORMAT.md 7.8), on the parser and on the journal ----------
+def _aborting_doc() -> dict:
+    from test_reencrypt import in_flight_doc
+    doc = in_flight_doc()  # vm1.nvram finished, vm1-small.bin at 1 MiB of 3 MiB
+    doc["reencrypt"]["aborting"] = True
+    return doc
+
+
+def test_an_aborting_state_parses_round_trips_and_its_region_is_below_the_boundary():
+    from test_reencrypt import _parse
+    keys = _parse(_aborting_doc())
+    st = keys.reencrypt
+    assert st.aborting and st.current().name == "vm1-small.bin"
+    assert st.region_of(st.current()) == (0, 1 << 20)
+    assert json.loads(keys.to_bytes())["reencrypt"]["aborting"] is True
+    st.files[1].boundary = 0  # the second file is back: the first (finished) one is next, from its end
+    assert st.current().name == "vm1.nvram" and st.region_of(st.current()) == (0, 8708)  # R is 1 MiB
+    st.files[0].boundary = 0
+    assert st.current() is None
+    forward = _parse({k: v for k, v in _aborting_doc().items()} | {"reencrypt": {
+        k: v for k, v in _aborting_doc()["reencrypt"].items() if k != "aborting"}})
+    assert not forward.reencrypt.aborting and "aborting" not in json.loads(forward.to_bytes())["reencrypt"]
+
+
+@pytest.mark.parametrize("value", [False, None, 1, "true", [True]], ids=repr)
+def test_an_aborting_member_that_is_not_true_is_rejected(value):
+    from test_format_independent import Refused, parse_in_flight
+    from test_reencrypt import _parse
+    from vmfs_crypt.errors import FormatError
+    doc = _aborting_doc()
+    doc["reencrypt"]["aborting"] = value
+    with pytest.raises(FormatError, match="aborting"):
+        _parse(doc)
+    with pytest.raises(Refused):  # the reader written from FORMAT.md alone agrees
+        parse_in_flight(doc)
+
+
+def test_readers_outside_the_engine_refuse_a_folder_whose_abort_is_in_flight():
+    from test_reencrypt import _parse
+    from vmfs_crypt.errors import FormatError
+    with pytest.raises(FormatError, match="vmfs-crypt abort"):
+        _parse(_aborting_doc(), allow=False)
+
+
+def test_a_journal_commits_an_abort_only_with_every_boundary_back_at_0(tmp_path):
+    from test_reencrypt import _parse
+    from vmfs_crypt.errors import FormatError
+    from vmfs_crypt.format.folder import FolderKeys, VmFolder
+    from vmfs_crypt.format.journal import check_journal
+    vm = tmp_path / "vm"
+    vm.mkdir()
+    for name, size in (("vm1.nvram", 8708), ("vm1-small.bin", 3 << 20)):
+        (vm / name).write_bytes(b"x" * size)
+    doc = _aborting_doc()
+    current = _parse(doc)
+    back = {"version": 1, "renames": [], "keys": FolderKeys(current.kek, dict(current.files)).to_bytes().decode()}
+    to = FolderKeys(current.kek, {f.name: f.to for f in current.reencrypt.files})
+    forward = {"version": 1, "renames": [], "keys": to.to_bytes().decode()}
+
+    def check(d, journal):
+        (vm / ".vmfs-crypt.json").write_text(json.dumps(d))
+        check_journal(VmFolder(str(vm)), journal, "j")
+
+    with pytest.raises(FormatError, match="not finished"):
+        check(doc, back)  # the second file is still partly under `to`
+    doc["reencrypt"]["files"][1]["boundary"] = 3 << 20  # every file finished, but aborting: no forward commit
+    with pytest.raises(FormatError, match="not finished"):
+        check(doc, forward)
+    for f in doc["reencrypt"]["files"]:
+        f["boundary"] = 0
+    check(doc, back)  # every boundary back at 0: the old records are the commit
+    with pytest.raises(FormatError, match="new key record"):
+        check(doc, forward)
