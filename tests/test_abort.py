@@ -216,3 +216,129 @@ def test_a_journal_commits_an_abort_only_with_every_boundary_back_at_0(tmp_path)
     check(doc, back)  # every boundary back at 0: the old records are the commit
     with pytest.raises(FormatError, match="new key record"):
         check(doc, forward)
+
+
+# -- online: the mount aborts the operation it runs, with writers on the disk ---------------------------------
+def _poll(cond, what: str, env, timeout: float = 300):
+    """Wait for a real condition of the system (never a fixed sleep), with a deadline."""
+    import time
+    deadline = time.monotonic() + timeout
+    while not (got := cond()):
+        assert time.monotonic() < deadline, f"{what} did not happen; {env.mount_logs()}"
+        time.sleep(0.05)
+    return got
+
+
+def _disk_boundary(vm: str) -> int:
+    st = state(vm)
+    return _disk_state(st)["boundary"] if st else -1
+
+
+@pytest.mark.cli
+@pytest.mark.fuse
+@pytest.mark.parametrize("op", ["encrypt", "rekey"])
+def test_an_online_abort_killed_with_the_mount_is_finished_by_the_next_mount(small_regions, op):
+    """Forward at 512 KiB/s (2 regions/s) to at least 12 regions, then `abort --background`: the mount goes back
+    (at the same rate) and stops itself inside its 24th region, which is one of the abort's (the forward did
+    between 12 and 23). SIGKILLed there with two writers running; the next mount finishes the abort."""
+    import signal
+    import subprocess
+    from test_online import Writers, _mount, _mount_pid, _stopped, assert_disk, at_rest, disk_dek, expected, \
+        writes_in
+    env = small_regions
+    vm, files = make_vm(env.ds)
+    if op == "rekey":
+        env.run("encrypt", vm)
+    old_dek = disk_dek(vm, env) if op == "rekey" else None
+    mnt = _mount(env, {"VMFS_CRYPT_TEST_STOP_IN_REGION": "24"})
+    pid = _mount_pid(mnt)
+    folder = os.path.join(mnt, "vm1")
+    disk = os.path.join(folder, "disk-flat.vmdk")
+    writers = Writers(env, disk, f"abort-{op}")
+    try:
+        env.run(*OPS[op], "--background", "--rate", "512K", folder)
+        _poll(lambda: _disk_boundary(vm) >= 12 * REGION, "12 forward regions", env)
+        out = env.run("abort", "--background", folder)
+        assert b"goes back to the old keys" in out.stdout, out.stdout
+        _poll(lambda: _stopped(pid), "the stop inside the abort's region", env)
+        mid = state(vm)
+        assert mid["aborting"] is True and 0 < _disk_state(mid)["boundary"] < 23 * REGION, mid
+        new_dek = dek_of(_disk_state(mid)["to"], key_file(env)) if op == "rekey" else None
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        logs = writers.finish()
+    subprocess.run(["fusermount", "-uz", mnt], capture_output=True)
+    assert writes_in(logs) > 0
+    want, maybe = expected(files["disk-flat.vmdk"], logs)
+    # Killed inside a region of the abort: FORMAT.md alone reads every acknowledged write (the sidecar under `to`).
+    assert os.path.exists(os.path.join(vm, ".vmfs-crypt-region"))
+    assert_disk(at_rest(vm, env), want, maybe, "at rest right after the kill in the abort")
+    mnt = _mount(env)  # finishes the abort before it serves
+    try:
+        assert state(vm) is None and not os.path.exists(os.path.join(vm, ".vmfs-crypt-region"))
+        with open(disk, "rb") as f:
+            assert_disk(f.read(), want, maybe, "through the mount after the abort")
+        with open(os.path.join(folder, "vm1.nvram"), "rb") as f:
+            assert f.read() == files["vm1.nvram"]
+    finally:
+        env.run("umount", mnt, check=False)
+    with open(os.path.join(vm, "disk-flat.vmdk"), "rb") as f:
+        backing = f.read()
+    if op == "encrypt":  # back to a plain folder: the bytes at rest are the plaintext
+        assert not os.path.exists(os.path.join(vm, ".vmfs-crypt.json"))
+        assert_disk(backing, want, maybe, "the disk at rest after the aborted encrypt")
+    else:
+        assert disk_dek(vm, env) == old_dek, "the disk is not keyed by its old DEK after the abort"
+        assert_disk(at_rest(vm, env), want, maybe, "at rest (FORMAT.md reader) after the abort")
+        plain = read_plaintext(vm, "disk-flat.vmdk", key_file(env))[0]
+        assert_old_dek_decrypts_nothing(new_dek, backing, plain, "disk-flat.vmdk")
+
+
+@pytest.mark.cli
+@pytest.mark.fuse
+def test_abort_of_a_paused_online_deep_rekey_waits_and_the_rekey_command_fails(small_regions):
+    """`vmfs-crypt abort` (waiting) of an online deep rekey that a waiting `rekey --deep` started and `pause`
+    paused: abort exits 0 once the folder is under its old keys, the rekey command exits non-zero saying it
+    was aborted, the writers' acknowledged data is there; afterwards abort says there is nothing to abort."""
+    import subprocess
+    from support import CLI
+    from test_online import Writers, _mount, assert_disk, at_rest, disk_dek, expected, writes_in
+    env = small_regions
+    vm, files = make_vm(env.ds)
+    env.run("encrypt", vm)
+    old_dek = disk_dek(vm, env)
+    mnt = _mount(env)
+    folder = os.path.join(mnt, "vm1")
+    disk = os.path.join(folder, "disk-flat.vmdk")
+    writers = Writers(env, disk, "abort-paused")
+    rekey = subprocess.Popen(CLI + ["rekey", "--deep", "--rate", "1M", folder], env=env.env, cwd=env.base,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _poll(lambda: _disk_boundary(vm) >= 8 * REGION, "8 forward regions", env)
+        env.run("pause", folder)
+        ops = json.loads(env.run("operations", "--json").stdout)["operations"]
+        assert [o["state"] for o in ops] == ["paused"], ops
+        out = env.run("abort", folder, timeout=300)
+        assert b"was aborted; the folder is under its old keys" in out.stdout, out.stdout
+        _, err = rekey.communicate(timeout=120)
+        assert rekey.returncode == 1 and b"was aborted" in err and len(err.strip().splitlines()) == 1, err
+        ops = json.loads(env.run("operations", "--json").stdout)["operations"]
+        assert [(o["op"], o["state"]) for o in ops] == [("rekey", "aborted")], ops
+        assert state(vm) is None and disk_dek(vm, env) == old_dek
+    finally:
+        if rekey.poll() is None:
+            rekey.kill()
+            rekey.communicate()
+        logs = writers.finish()
+    try:
+        assert writes_in(logs) > 0
+        want, maybe = expected(files["disk-flat.vmdk"], logs)
+        assert not maybe
+        with open(disk, "rb") as f:
+            assert_disk(f.read(), want, maybe, "through the mount after the online abort")
+        assert_disk(at_rest(vm, env), want, maybe, "at rest after the online abort")
+        again = env.run("abort", folder, check=False)
+        assert again.returncode == 2 and b"nothing to abort" in again.stderr, again.stderr
+        assert len(again.stderr.strip().splitlines()) == 1
+    finally:
+        env.run("umount", mnt, check=False)
