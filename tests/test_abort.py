@@ -342,3 +342,79 @@ def test_abort_of_a_paused_online_deep_rekey_waits_and_the_rekey_command_fails(s
         assert len(again.stderr.strip().splitlines()) == 1
     finally:
         env.run("umount", mnt, check=False)
+
+
+@pytest.mark.cli
+@pytest.mark.fuse
+@pytest.mark.parametrize("datapath", ["native", "python"])
+def test_the_online_abort_holds_back_only_guest_io_into_its_region_below_the_boundary(small_regions, datapath):
+    """The way back uses the hot zone as the forward run does: the engine waits inside the abort's region
+    [L, B) with L > 0 (the mount's 22nd region: the forward did 12-21 at 512 KiB/s, the abort's regions are
+    counted on; test-only VMFS_CRYPT_TEST_HOLD_IN_REGION);
+    reads and writes below L (new key), at B and above (old key) complete meanwhile, I/O into [L, B) only after
+    the region is rewritten, and every byte is right at the end (the folder back under its old DEK)."""
+    import time
+    from test_online import BLOCK, _direct_io, _in_thread, _mount, at_rest, disk_dek
+    env = small_regions
+    vm, files = make_vm(env.ds)
+    env.run("encrypt", vm)
+    old_dek = disk_dek(vm, env)
+    fifo = os.path.join(env.base, "hold")
+    os.mkfifo(fifo)
+    extra = {"VMFS_CRYPT_TEST_HOLD_IN_REGION": f"22:{fifo}"}
+    if datapath == "python":
+        extra["VMFS_CRYPT_NATIVE"] = "0"
+    mnt = _mount(env, extra)
+    folder = os.path.join(mnt, "vm1")
+    disk = os.path.join(folder, "disk-flat.vmdk")
+    original = files["disk-flat.vmdk"]
+    held = None
+    try:
+        env.run("rekey", "--deep", "--background", "--rate", "512K", folder)
+        _poll(lambda: _disk_boundary(vm) >= 12 * REGION, "12 forward regions", env)
+        env.run("abort", "--background", folder)
+        deadline = time.monotonic() + 120
+        while held is None:  # the engine opens the FIFO for reading once it waits in its 22nd region
+            try:
+                held = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                assert exc.errno == 6 and time.monotonic() < deadline, env.mount_logs()  # ENXIO: not there yet
+                time.sleep(0.02)
+        st = state(vm)
+        b = _disk_state(st)["boundary"]
+        assert st["aborting"] is True and 2 * REGION <= b <= 11 * REGION, st  # L > 0: some of the disk below
+        zone = (b - REGION, b)
+        mine = {0: b"a" * BLOCK, 24 << 20: b"b" * BLOCK, zone[0] + 3 * BLOCK: b"c" * BLOCK}
+        inside_read = _in_thread(lambda: _direct_io(disk, zone[0] + BLOCK))
+        for offset in (0, zone[1], 16 << 20):  # below L (new key), at B and above (old key)
+            t, got = _in_thread(lambda o=offset: _direct_io(disk, o))
+            t.join(60)
+            assert got == [original[offset:offset + BLOCK]], f"a read at {offset} outside the region waited for it"
+        for offset in (0, 24 << 20):
+            t, got = _in_thread(lambda o=offset: _direct_io(disk, o, mine[o]))
+            t.join(60)
+            assert got == [BLOCK], f"a write at {offset} outside the region waited for it"
+        inside_write = _in_thread(lambda: _direct_io(disk, zone[0] + 3 * BLOCK, mine[zone[0] + 3 * BLOCK]))
+        for t, got in (inside_read, inside_write):
+            t.join(0.5)  # a bounded look: I/O into the half-rewritten region must still wait
+            assert t.is_alive() and not got, "I/O into the abort's region in flight did not wait for its rewrite"
+        os.close(held)  # the engine goes on
+        held = None
+        for t, got in (inside_read, inside_write):
+            t.join(60)
+        assert inside_read[1] == [original[zone[0] + BLOCK:zone[0] + 2 * BLOCK]]
+        assert inside_write[1] == [BLOCK]
+        ops = _poll(lambda: [o for o in json.loads(env.run("operations", "--json").stdout)["operations"]
+                             if o["state"] not in ("running", "aborting", "paused")], "the end of the abort", env)
+        assert ops[0]["state"] == "aborted", ops
+        want = bytearray(original)
+        for offset, data in mine.items():
+            want[offset:offset + BLOCK] = data
+        with open(disk, "rb") as f:
+            assert f.read() == want
+        assert state(vm) is None and disk_dek(vm, env) == old_dek
+        assert at_rest(vm, env) == want
+    finally:
+        if held is not None:
+            os.close(held)
+        env.run("umount", mnt, check=False)
