@@ -509,6 +509,52 @@ def test_format_md_reencrypt_vector(tmp_path):
     assert decrypt_file(old, backing)[2048:2560] != plain[2048:2560]
 
 
+def abort_vector() -> tuple[dict, dict[str, str]]:
+    """FORMAT.md 9.5: (the folder key file, the named values; the keys are those of 9.4)."""
+    with open(FORMAT_MD, encoding="utf-8") as f:
+        text = f.read()
+    block = re.search(r"<!-- abort-vectors:begin -->\n```json\n(.*?)```\n\n```text\n(.*?)\n```\n"
+                      r"<!-- abort-vectors:end -->", text, re.S)
+    assert block, "docs/FORMAT.md lost its abort vector"
+    values = dict(reencrypt_vector()[1])
+    name = None
+    for line in block.group(2).split("\n"):
+        if line.startswith(" "):
+            values[name] += line.strip()
+        else:
+            name, value = (part.strip() for part in line.split(" = ", 1))
+            values[name] = value
+    return json.loads(block.group(1)), values
+
+
+def test_format_md_abort_vector(tmp_path):
+    """The deep rekey of 9.4 being aborted, stopped inside the abort's first region (FORMAT.md 9.5): decrypts by
+    7.8's aborting rule alone (the sidecar covers [L, B) and holds its bytes under `to`)."""
+    doc, v = abort_vector()
+    vm = str(tmp_path / "vm1")
+    key_files = vector_folder(vm, doc, v)
+    st = parse_in_flight(doc)
+    fs = st["files"][0]
+    assert st["aborting"] is True and (fs["boundary"], region_in_flight(st, fs)) == (2048, (1024, 1024))
+    old, new = entry_dek(fs["from"], key_files), entry_dek(fs["to"], key_files)
+    plain = vector_plaintext_in_flight()
+    with open(os.path.join(vm, "vm1.nvram"), "rb") as f:
+        backing = f.read()
+    for i in range(8):  # 0, 1 and 3 under the new DEK, 2 (the half rewritten back) and 4-7 under the old one
+        unit = backing[i * 512:(i + 1) * 512]
+        want = bytes(512) if i == 6 else xts_unit(new if i in (0, 1, 3) else old, i, plain[i * 512:(i + 1) * 512], True)
+        assert unit == want, f"backing sector {i}"
+    saved = valid_sidecar(vm, st, fs)
+    assert saved == xts_unit(new, 2, plain[1024:1536], True) + xts_unit(new, 3, plain[1536:2048], True)
+    got, where = read_plaintext(vm, "vm1.nvram", key_files)
+    assert where == "reencrypt" and got == plain
+    # By the forward rule (no `aborting`), sector 2 would be misread under the new key: the member matters.
+    forward = json.loads(json.dumps(doc))
+    del forward["reencrypt"]["aborting"]
+    vector_folder(str(tmp_path / "fwd"), forward, v)
+    assert read_plaintext(str(tmp_path / "fwd"), "vm1.nvram", key_files)[0][1024:1536] != plain[1024:1536]
+
+
 @pytest.mark.parametrize("tail", [b"x", b""], ids=["sidecar with a byte too many", "sidecar for another offset"])
 def test_an_invalid_sidecar_is_ignored(tmp_path, tail):
     """7.8: a sidecar that is not valid (torn, or left from an earlier region) is ignored, and then the

@@ -181,3 +181,17 @@ def test_library_reproduces_the_reencrypt_vector():
     block = re.search(r"<!-- reencrypt-vectors:begin -->\n(.*?)\n<!-- reencrypt-vectors:end -->", text, re.S)
     assert block, "docs/FORMAT.md lost its re-encryption vector"
     assert block.group(1) == make_golden.reencrypt_vectors()
+
+
+def test_library_reproduces_the_abort_vector():
+    """FORMAT.md 9.5 (an abort in flight) is what vmfs-crypt's own code writes (make_golden.py --abort-vectors)."""
+    sys.path.insert(0, GOLDEN)
+    try:
+        import make_golden
+    finally:
+        sys.path.remove(GOLDEN)
+    with open(FORMAT_MD, encoding="utf-8") as f:
+        text = f.read()
+    block = re.search(r"<!-- abort-vectors:begin -->\n(.*?)\n<!-- abort-vectors:end -->", text, re.S)
+    assert block, "docs/FORMAT.md lost its abort vector"
+    assert block.group(1) == make_golden.abort_vectors()

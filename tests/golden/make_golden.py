@@ -150,19 +150,13 @@ def reencrypt_plaintext() -> bytes:
     return bytes(out)
 
 
-def reencrypt_vectors() -> str:
-    """The block of docs/FORMAT.md 9.4: a deep rekey of one file stopped inside region 3, by vmfs-crypt's own code.
-
-    The backing bytes are what the engine's own transform makes of them: the file under the old
-    DEK, regions 1-2 rewritten under the new DEK, then the first half of region 3 (sector 4) with
-    its sidecar written first, as a crash in step 2 of FORMAT.md 7.8 leaves it.
-    """
+def _reencrypt_state():
+    """(folder keys, state, old cipher, new cipher, plaintext) of the one-file deep rekey of FORMAT.md 9.4 and 9.5."""
     sys.path.insert(0, REPO)
     from vmfs_crypt.crypto.xts import SectorCipher
     from vmfs_crypt.format.folder import FolderKeys
     from vmfs_crypt.format.keysafe import EncryptionData, KeyRecord, KeyRef
-    from vmfs_crypt.format.reencrypt import ReencryptFile, ReencryptState, read_region, region_path, write_region
-    from vmfs_crypt.ops.reencrypt import transform
+    from vmfs_crypt.format.reencrypt import ReencryptFile, ReencryptState
     from vmfs_crypt.providers.native import derive_kek
 
     def record(key_id: str, dek: bytes, file_id: str) -> KeyRecord:
@@ -172,16 +166,40 @@ def reencrypt_vectors() -> str:
                               EncryptionData(raw=raw, file_id=file_id))
 
     old_rec, new_rec = record(VECTOR_KEY_ID, VECTOR_DEK, VECTOR_FILE_ID), record(RE_NEW_KEY_ID, RE_NEW_DEK, RE_NEW_FILE_ID)
-    old, new = SectorCipher(VECTOR_DEK), SectorCipher(RE_NEW_DEK)
     plain = reencrypt_plaintext()
+    state = ReencryptState("rekey", RE_REGION, KeyRef(VECTOR_PROVIDER, RE_NEW_KEY_ID),
+                           [ReencryptFile(RE_FILE, len(plain), RE_BOUNDARY, old_rec, new_rec, None)])
+    keys = FolderKeys(KeyRef(VECTOR_PROVIDER, VECTOR_KEY_ID), {RE_FILE: old_rec}, state)
+    return keys, state, SectorCipher(VECTOR_DEK), SectorCipher(RE_NEW_DEK), plain
+
+
+def _sector_rows(backing: bytes, saved: bytes) -> list[tuple[str, str]]:
+    rows = []
+    for i in range(RE_SECTORS):
+        sector = bytes(backing[i * 512:(i + 1) * 512])
+        rows.append((f"backing sector {i}", "zeros (a hole)" if not any(sector) else _hex_lines(sector, 34)))
+    for i in range(2):
+        rows.append((f"sidecar sector {i}", _hex_lines(saved[i * 512:(i + 1) * 512], 34)))
+    return rows
+
+
+def reencrypt_vectors() -> str:
+    """The block of docs/FORMAT.md 9.4: a deep rekey of one file stopped inside region 3, by vmfs-crypt's own code.
+
+    The backing bytes are what the engine's own transform makes of them: the file under the old
+    DEK, regions 1-2 rewritten under the new DEK, then the first half of region 3 (sector 4) with
+    its sidecar written first, as a crash in step 2 of FORMAT.md 7.8 leaves it.
+    """
+    from vmfs_crypt.format.folder import FolderKeys
+    from vmfs_crypt.format.reencrypt import read_region, region_path, write_region
+    from vmfs_crypt.ops.reencrypt import transform
+    from vmfs_crypt.providers.native import derive_kek
+    keys, state, old, new, plain = _reencrypt_state()
     backing = bytearray(transform(plain, 0, None, old))  # the file before the operation
     backing[:RE_BOUNDARY] = transform(bytes(backing[:RE_BOUNDARY]), 0, old, new)
     r3 = bytes(backing[RE_BOUNDARY:RE_BOUNDARY + RE_REGION])  # region 3's old bytes: the sidecar's
     half = RE_REGION // 2
     backing[RE_BOUNDARY:RE_BOUNDARY + half] = transform(r3[:half], RE_BOUNDARY // 512, old, new)
-    state = ReencryptState("rekey", RE_REGION, KeyRef(VECTOR_PROVIDER, RE_NEW_KEY_ID),
-                           [ReencryptFile(RE_FILE, len(plain), RE_BOUNDARY, old_rec, new_rec, None)])
-    keys = FolderKeys(KeyRef(VECTOR_PROVIDER, VECTOR_KEY_ID), {RE_FILE: old_rec}, state)
     assert FolderKeys.from_bytes(keys.to_bytes(), "vector", allow_reencrypt=True).reencrypt.to_json() == state.to_json()
     with tempfile.TemporaryDirectory() as d:
         write_region(d, RE_FILE, RE_BOUNDARY, r3)
@@ -195,13 +213,33 @@ def reencrypt_vectors() -> str:
             ("old DEK", _hex_lines(VECTOR_DEK, w + 3)),
             ("new KEK key id", RE_NEW_KEY_ID), ("new KEK", derive_kek(VECTOR_PRIMARY, RE_NEW_KEY_ID).hex()),
             ("new DEK", _hex_lines(RE_NEW_DEK, w + 3)),
-            ("sidecar header line", header)]
-    for i in range(RE_SECTORS):
-        sector = bytes(backing[i * 512:(i + 1) * 512])
-        rows.append((f"backing sector {i}", "zeros (a hole)" if not any(sector) else _hex_lines(sector, w + 3)))
-    for i in range(2):
-        rows.append((f"sidecar sector {i}", _hex_lines(r3[i * 512:(i + 1) * 512], w + 3)))
+            ("sidecar header line", header)] + _sector_rows(backing, r3)
     text = "\n".join(f"{name:<{w}} = {value}" for name, value in rows)
+    return f"```json\n{keys.to_bytes().decode('utf-8')}```\n\n```text\n{text}\n```"
+
+
+RE_ABORT_LOW = RE_BOUNDARY - RE_REGION  # the abort's region in flight: [L, B) = region 2
+
+
+def abort_vectors() -> str:
+    """The block of docs/FORMAT.md 9.5: the deep rekey of 9.4 (stopped at B = 2048) aborted, and stopped inside
+    the abort's first region [1024, 2048): its sidecar (under the new DEK) written, sector 2 back under the old."""
+    from vmfs_crypt.format.reencrypt import read_region, region_path, write_region
+    from vmfs_crypt.ops.reencrypt import transform
+    keys, state, old, new, plain = _reencrypt_state()
+    state.aborting = True
+    backing = bytearray(transform(plain, 0, None, old))  # the file before the operation
+    backing[:RE_BOUNDARY] = transform(bytes(backing[:RE_BOUNDARY]), 0, old, new)  # regions 1-2 done forward
+    r2 = bytes(backing[RE_ABORT_LOW:RE_BOUNDARY])  # the abort's region, under the new DEK: the sidecar's
+    half = RE_REGION // 2
+    backing[RE_ABORT_LOW:RE_ABORT_LOW + half] = transform(r2[:half], RE_ABORT_LOW // 512, new, old)
+    with tempfile.TemporaryDirectory() as d:
+        write_region(d, RE_FILE, RE_ABORT_LOW, r2)
+        with open(region_path(d), "rb") as f:
+            header = f.read().split(b"\n", 1)[0].decode("ascii")
+        assert read_region(d, state) == (RE_ABORT_LOW, r2)
+    rows = [("sidecar header line", header)] + _sector_rows(backing, r2)
+    text = "\n".join(f"{name:<31} = {value}" for name, value in rows)
     return f"```json\n{keys.to_bytes().decode('utf-8')}```\n\n```text\n{text}\n```"
 
 
@@ -302,6 +340,8 @@ def main() -> None:
     parser.add_argument("--vectors", action="store_true", help="print the test vectors of docs/FORMAT.md")
     parser.add_argument("--reencrypt-vectors", action="store_true",
                         help="print the in-place re-encryption vector of docs/FORMAT.md 9.4")
+    parser.add_argument("--abort-vectors", action="store_true",
+                        help="print the vector of docs/FORMAT.md 9.5 (an abort in flight)")
     parser.add_argument("--out", help="directory to write a golden datastore into")
     parser.add_argument("--i-know-this-breaks-compatibility", dest="force", action="store_true",
                         help="allow writing into tests/golden/ itself")
@@ -311,6 +351,9 @@ def main() -> None:
         return
     if args.reencrypt_vectors:
         print(reencrypt_vectors())
+        return
+    if args.abort_vectors:
+        print(abort_vectors())
         return
     if not args.out:
         parser.error("give --vectors or --out DIR")
