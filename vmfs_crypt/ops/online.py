@@ -11,7 +11,9 @@ and cleared under the file's write lock): guest I/O touching it waits, the rest 
 is served meanwhile, and no write is lost (a guest write to the region lands before it is
 read, or after it is rewritten, under the key of its side of the boundary);
 the folder's names do not change while it runs; and every key goes to the folder key file
-(open descriptor views are not rewritten).
+(open descriptor views are not rewritten). `vmfs-crypt abort` turns a running, paused or
+interrupted operation back: the same regions rewritten in reverse, each boundary back to 0,
+and the old keys committed (FORMAT.md 7.8, "Aborting").
 """
 
 import hashlib
@@ -29,7 +31,7 @@ from ..crypto.xts import SectorCipher
 from ..errors import DataError, InUseError, UsageError, VmfsCryptError
 from ..format.folder import FolderKeys, VmFolder
 from ..format.inventory import folder_files
-from ..format.reencrypt import read_region, remove_region, write_region
+from ..format.reencrypt import remove_region
 from ..fs import online as held_files
 from ..fs.dslock import lock_info
 from ..fs.locks import HOT_TO_END
