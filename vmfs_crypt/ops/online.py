@@ -88,6 +88,7 @@ class OnlineOp:
         self._abort = threading.Event()  # `vmfs-crypt abort`: back to the old keys (set from the start: abort one at rest)
         if abort:
             self._abort.set()
+        self._abort_only = abort  # started to abort the operation recorded at rest, not to run one
         self.aborting = False  # the state at rest is the abort's
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"online {op} {rel}")
 
@@ -236,7 +237,10 @@ class OnlineOp:
                     keys.purpose = "decrypt"  # the part done is existing data (as ops/reencrypt.resume)
                 return current, None, {}
         if self._abort.is_set():
-            raise UsageError(f"{self.path}: no encrypt, decrypt or deep rekey is in flight there; nothing to abort")
+            if self._abort_only:  # `vmfs-crypt abort` of an operation at rest that is gone meanwhile
+                raise UsageError(f"{self.path}: no encrypt, decrypt or deep rekey is in flight there; nothing to abort")
+            self.aborting = True  # aborted while starting: nothing was recorded or rewritten yet
+            return None
         infos = folder_files(folder)
         if self.op == "encrypt":
             if folder.encrypted:
