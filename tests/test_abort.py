@@ -80,6 +80,8 @@ def test_a_killed_abort_resumes_and_every_file_is_back_under_its_old_key(small_r
         assert (where == "reencrypt") == (name in ("disk-flat.vmdk", "vm1.nvram")), (name, where)
     refused = env.run("cat", os.path.join(vm, "disk-flat.vmdk"), check=False)
     assert refused.returncode != 0 and b"vmfs-crypt abort" in refused.stderr
+    info = json.loads(env.run("info", "--json", vm).stdout)["reencrypt"]
+    assert (info["aborting"], info["command"], info["where"]) == (True, f"vmfs-crypt abort {vm}", "at-rest"), info
 
     out = env.run("abort", vm)
     assert b"aborted" in out.stdout, out.stdout
@@ -273,8 +275,13 @@ def test_an_online_abort_killed_with_the_mount_is_finished_by_the_next_mount(sma
     # Killed inside a region of the abort: FORMAT.md alone reads every acknowledged write (the sidecar under `to`).
     assert os.path.exists(os.path.join(vm, ".vmfs-crypt-region"))
     assert_disk(at_rest(vm, env), want, maybe, "at rest right after the kill in the abort")
-    mnt = _mount(env)  # finishes the abort before it serves
+    out = env.run("mount", env.ds, mnt, timeout=300)  # the mount goes on back, online, once it serves
+    assert f"resuming the interrupted abort of the in-place {'deep rekey' if op == 'rekey' else op} of " \
+           f"{os.path.realpath(vm)} online".encode() in out.stdout, out.stdout
     try:
+        waited = env.run("operations", "--wait")
+        assert f"online {'deep rekey' if op == 'rekey' else op} of {os.path.realpath(vm)}: aborted".encode() \
+            in waited.stdout, waited.stdout
         assert state(vm) is None and not os.path.exists(os.path.join(vm, ".vmfs-crypt-region"))
         with open(disk, "rb") as f:
             assert_disk(f.read(), want, maybe, "through the mount after the abort")

@@ -150,7 +150,8 @@ def echo_operations(ops: list[dict]) -> None:
         elif o["error"]:
             what += f": {o['error']}"
             if o["state"] == "failed":
-                what += f"; 'vmfs-crypt {command_of(o['op'])} {o['folder']}' resumes it once that is repaired"
+                again = "abort" if o.get("aborting") else command_of(o["op"])
+                what += f"; 'vmfs-crypt {again} {o['folder']}' resumes it once that is repaired"
         click.echo(what)
 
 
@@ -261,7 +262,7 @@ def abort(c, path, background):
 def operations(c, as_json, wait):
     """List the online operations of the datastores you have mounted (also part of 'vmfs-crypt status')."""
     ops = all_operations()
-    while wait and any(o["state"] in ("starting", "running", "paused") for o in ops):
+    while wait and any(o["state"] in RUNNING for o in ops):
         time.sleep(POLL_S)
         ops = all_operations()
     if as_json:

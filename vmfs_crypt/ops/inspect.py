@@ -82,9 +82,10 @@ def reencrypt_info(folder: VmFolder, state) -> dict:
     total = sum(f.size for f in state.files)
     done = sum(f.boundary for f in state.files)
     current = state.current()
-    command = f"vmfs-crypt {'rekey --deep' if state.op == 'rekey' else state.op} {folder.backing_dir}"
+    command = f"vmfs-crypt {'abort' if state.aborting else 'rekey --deep' if state.op == 'rekey' else state.op} " \
+        f"{folder.backing_dir}"  # an abort in flight only ever goes on back (FORMAT.md 7.8)
     datastore, live = _live_status(folder.backing_dir)
-    running = live is not None and live["state"] in ("starting", "running", "paused")
+    running = live is not None and live["state"] in ("starting", "running", "paused", "aborting")
     if running:
         where = "online"
         hint = f"carried out online by the mount of {datastore}" + (" (paused: 'vmfs-crypt resume' goes on)"
@@ -98,7 +99,8 @@ def reencrypt_info(folder: VmFolder, state) -> dict:
         where = "at-rest"
         hint = (f"interrupted at rest: 'vmfs-crypt mount' of the datastore resumes it online, "
                 f"or '{command}' offline")
-    return {"op": state.op, "label": LABEL[state.op], "command": command, "where": where,
+    label = f"abort of the {LABEL[state.op]}" if state.aborting else LABEL[state.op]
+    return {"op": state.op, "label": label, "aborting": state.aborting, "command": command, "where": where,
             "paused": bool(running and live["state"] == "paused"),
             "file": (live.get("file") if running and live.get("file") else None) or (current.name if current else None),
             "done_bytes": done, "total_bytes": total,
