@@ -14,7 +14,7 @@ import os
 import pytest
 
 from test_format_independent import read_plaintext
-from test_reencrypt import (DISK, REGION, assert_holes_kept, assert_old_dek_decrypts_nothing, dek_of, key_file,
+from test_reencrypt import (REGION, assert_holes_kept, assert_old_dek_decrypts_nothing, dek_of, key_file,
                             make_vm, run_killed, state)
 
 OPS = {"encrypt": ["encrypt"], "decrypt": ["decrypt"], "rekey": ["rekey", "--deep"]}
@@ -360,8 +360,7 @@ def test_the_online_abort_holds_back_only_guest_io_into_its_region_below_the_bou
     counted on; test-only VMFS_CRYPT_TEST_HOLD_IN_REGION);
     reads and writes below L (new key), at B and above (old key) complete meanwhile, I/O into [L, B) only after
     the region is rewritten, and every byte is right at the end (the folder back under its old DEK)."""
-    import time
-    from test_online import BLOCK, _direct_io, _in_thread, _mount, at_rest, disk_dek
+    from test_online import BLOCK, _mount, at_rest, disk_dek, engine_held, only_the_zone_waits
     env = small_regions
     vm, files = make_vm(env.ds)
     env.run("encrypt", vm)
@@ -380,37 +379,13 @@ def test_the_online_abort_holds_back_only_guest_io_into_its_region_below_the_bou
         env.run("rekey", "--deep", "--background", "--rate", "512K", folder)
         _poll(lambda: _disk_boundary(vm) >= 12 * REGION, "12 forward regions", env)
         env.run("abort", "--background", folder)
-        deadline = time.monotonic() + 120
-        while held is None:  # the engine opens the FIFO for reading once it waits in its 22nd region
-            try:
-                held = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError as exc:
-                assert exc.errno == 6 and time.monotonic() < deadline, env.mount_logs()  # ENXIO: not there yet
-                time.sleep(0.02)
+        held = engine_held(fifo, env)  # in its 22nd region
         st = state(vm)
         b = _disk_state(st)["boundary"]
         assert st["aborting"] is True and 2 * REGION <= b <= 11 * REGION, st  # L > 0: some of the disk below
         zone = (b - REGION, b)
         mine = {0: b"a" * BLOCK, 24 << 20: b"b" * BLOCK, zone[0] + 3 * BLOCK: b"c" * BLOCK}
-        inside_read = _in_thread(lambda: _direct_io(disk, zone[0] + BLOCK))
-        for offset in (0, zone[1], 16 << 20):  # below L (new key), at B and above (old key)
-            t, got = _in_thread(lambda o=offset: _direct_io(disk, o))
-            t.join(60)
-            assert got == [original[offset:offset + BLOCK]], f"a read at {offset} outside the region waited for it"
-        for offset in (0, 24 << 20):
-            t, got = _in_thread(lambda o=offset: _direct_io(disk, o, mine[o]))
-            t.join(60)
-            assert got == [BLOCK], f"a write at {offset} outside the region waited for it"
-        inside_write = _in_thread(lambda: _direct_io(disk, zone[0] + 3 * BLOCK, mine[zone[0] + 3 * BLOCK]))
-        for t, got in (inside_read, inside_write):
-            t.join(0.5)  # a bounded look: I/O into the half-rewritten region must still wait
-            assert t.is_alive() and not got, "I/O into the abort's region in flight did not wait for its rewrite"
-        os.close(held)  # the engine goes on
-        held = None
-        for t, got in (inside_read, inside_write):
-            t.join(60)
-        assert inside_read[1] == [original[zone[0] + BLOCK:zone[0] + 2 * BLOCK]]
-        assert inside_write[1] == [BLOCK]
+        held = only_the_zone_waits(disk, original, zone, (0, zone[1], 16 << 20), mine, held)  # below L, at B, above
         ops = _poll(lambda: [o for o in json.loads(env.run("operations", "--json").stdout)["operations"]
                              if o["state"] not in ("running", "aborting", "paused")], "the end of the abort", env)
         assert ops[0]["state"] == "aborted", ops

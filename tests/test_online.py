@@ -387,6 +387,45 @@ def _in_thread(fn):
     return t, out
 
 
+def engine_held(fifo: str, env) -> int:
+    """Wait until the engine waits at its VMFS_CRYPT_TEST_HOLD_IN_REGION point (it opens FIFO for reading
+    there); the FIFO's write end, whose close lets it go on."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            assert exc.errno == 6 and time.monotonic() < deadline, env.mount_logs()  # ENXIO: not there yet
+            time.sleep(0.02)
+
+
+def only_the_zone_waits(disk: str, original: bytes, zone: tuple[int, int], reads: tuple[int, ...],
+                        mine: dict[int, bytes], held: int) -> None:
+    """With the engine held (FIFO `held` open) half way through the region `zone`: reads at `reads` and the
+    writes of `mine` outside the zone complete, a read and the write of `mine` into it wait until the engine
+    goes on (`held` closed), then complete with the right bytes. Returns None (the FIFO is closed)."""
+    inside = zone[0] + 3 * BLOCK
+    inside_read = _in_thread(lambda: _direct_io(disk, zone[0] + BLOCK))
+    for offset in reads:
+        t, got = _in_thread(lambda o=offset: _direct_io(disk, o))
+        t.join(60)
+        assert got == [original[offset:offset + BLOCK]], f"a read at {offset} outside the region waited for it"
+    for offset in (o for o in mine if o != inside):
+        t, got = _in_thread(lambda o=offset: _direct_io(disk, o, mine[o]))
+        t.join(60)
+        assert got == [BLOCK], f"a write at {offset} outside the region waited for it"
+    # Last: the kernel serialises writes to one FUSE inode, so this one holds back any other write
+    inside_write = _in_thread(lambda: _direct_io(disk, inside, mine[inside]))
+    for t, got in (inside_read, inside_write):
+        t.join(0.5)  # a bounded look: I/O into the half-rewritten region must still wait
+        assert t.is_alive() and not got, "I/O into the region in flight did not wait for its rewrite"
+    os.close(held)  # the engine goes on
+    for t, got in (inside_read, inside_write):
+        t.join(60)
+    assert inside_read[1] == [original[zone[0] + BLOCK:zone[0] + 2 * BLOCK]]
+    assert inside_write[1] == [BLOCK]
+
+
 def _thread_nices(pid: int) -> list[int]:
     nices = []
     for tid in os.listdir(f"/proc/{pid}/task"):
@@ -433,39 +472,14 @@ def test_guest_io_outside_the_region_in_flight_is_served_while_the_region_waits(
     held = None
     try:
         env.run("rekey", "--deep", "--background", os.path.join(mnt, "vm1"))
-        deadline = time.monotonic() + 120
-        while held is None:  # the engine opens the FIFO for reading once it waits in region 3
-            try:
-                held = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError as exc:
-                assert exc.errno == 6 and time.monotonic() < deadline, env.mount_logs()  # ENXIO: not there yet
-                time.sleep(0.02)
+        held = engine_held(fifo, env)  # in region 3
         # The engine's thread (waiting in the FIFO's open; and any thread it started, e.g. numpy's pool) yields
         # the CPU to the guests': nice 19; the mount's and libfuse's threads keep the mount's own nice
         pid = _mount_pid(mnt)
         nices = _thread_nices(pid)
         own = os.getpriority(os.PRIO_PROCESS, pid)
         assert own >= 19 or (19 in nices and nices.count(own) >= 2 and set(nices) == {own, 19}), nices
-        inside_read = _in_thread(lambda: _direct_io(disk, zone[0] + BLOCK))
-        for offset in (0, 4 << 20, zone[1], 16 << 20):  # below (new key), above (old key), right after the zone
-            t, got = _in_thread(lambda o=offset: _direct_io(disk, o))
-            t.join(60)
-            assert got == [original[offset:offset + BLOCK]], f"a read at {offset} outside the region waited for it"
-        for offset in (0, 8 << 20):
-            t, got = _in_thread(lambda o=offset: _direct_io(disk, o, mine[o]))
-            t.join(60)
-            assert got == [BLOCK], f"a write at {offset} outside the region waited for it"
-        # Last: the kernel serialises writes to one FUSE inode, so this one holds back any other write
-        inside_write = _in_thread(lambda: _direct_io(disk, zone[0] + 3 * BLOCK, mine[zone[0] + 3 * BLOCK]))
-        for t, got in (inside_read, inside_write):
-            t.join(0.5)  # a bounded look: I/O into the half-rewritten region must still wait
-            assert t.is_alive() and not got, "I/O into the region in flight did not wait for its rewrite"
-        os.close(held)  # the engine goes on
-        held = None
-        for t, got in (inside_read, inside_write):
-            t.join(60)
-        assert inside_read[1] == [original[zone[0] + BLOCK:zone[0] + 2 * BLOCK]]
-        assert inside_write[1] == [BLOCK]
+        held = only_the_zone_waits(disk, original, zone, (0, 4 << 20, zone[1], 16 << 20), mine, held)
         deadline = time.monotonic() + 300
         while (op := _ops(env)[0])["state"] != "done":
             assert op["state"] == "running" and time.monotonic() < deadline, op
