@@ -27,7 +27,9 @@ from .inuse import Access
 from .transaction import FolderTransaction
 
 REGION_ENV = "VMFS_CRYPT_REGION_SIZE"  # bytes per region; small values let tests make many regions
-WRITE_CHUNK = 4 << 20
+# Bytes transformed and stored per step of a region: the cipher of a 4 MiB chunk ran at half the
+# speed of 1 MiB ones (its buffers spill out of the CPU caches; docs/PERFORMANCE.md, issue 13).
+WRITE_CHUNK = 1 << 20
 _ZERO_BLOCK = bytes(16)  # every hole holds one; real ciphertext almost never does
 ProgressFactory = Callable[[int, str], object]
 
@@ -273,7 +275,7 @@ def rewrite_region(fd: int, d: str, state: ReencryptState, f: ReencryptFile, frm
         if _regions_started == _STOP_IN:
             _stop_here()
         hold_in_region()
-    # progress per 4 MiB chunk: a 64 MiB region was one step (a 48 MiB file showed only 100 %)
+    # progress per chunk (WRITE_CHUNK): a 64 MiB region was one step (a 48 MiB file showed only 100 %)
     try:
         _write_in_place(fd, off + half, old[half:], (off + half) // SECTOR_SIZE, frm, to, what, done)
         os.fsync(fd)
