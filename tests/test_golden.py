@@ -155,43 +155,35 @@ def test_key_file_mode_is_enforced(tmp_path):
         g.cleanup()
 
 
-def test_library_reproduces_format_md_vectors():
-    """The vectors in docs/FORMAT.md are what vmfs-crypt's own code computes (make_golden.py --vectors)."""
+def _make_golden():
     sys.path.insert(0, GOLDEN)
     try:
         import make_golden
     finally:
         sys.path.remove(GOLDEN)
+    return make_golden
+
+
+def _format_md_block(marker: str, what: str, fenced: bool = False) -> str:
+    """The text between docs/FORMAT.md's `<!-- MARKER:begin -->` and `<!-- MARKER:end -->` (inside a ```text fence)."""
     with open(FORMAT_MD, encoding="utf-8") as f:
         text = f.read()
-    block = re.search(r"<!-- test-vectors:begin -->\n```text\n(.*?)\n```\n<!-- test-vectors:end -->", text, re.S)
-    assert block, "docs/FORMAT.md lost its test vector block"
-    assert block.group(1) == make_golden.format_vectors()
+    inner = r"```text\n(.*?)\n```" if fenced else r"(.*?)"
+    block = re.search(rf"<!-- {marker}:begin -->\n{inner}\n<!-- {marker}:end -->", text, re.S)
+    assert block, f"docs/FORMAT.md lost its {what}"
+    return block.group(1)
+
+
+def test_library_reproduces_format_md_vectors():
+    """The vectors in docs/FORMAT.md are what vmfs-crypt's own code computes (make_golden.py --vectors)."""
+    assert _format_md_block("test-vectors", "test vector block", fenced=True) == _make_golden().format_vectors()
 
 
 def test_library_reproduces_the_reencrypt_vector():
     """FORMAT.md 9.4 (a deep rekey in flight) is what vmfs-crypt's own code writes (make_golden.py --reencrypt-vectors)."""
-    sys.path.insert(0, GOLDEN)
-    try:
-        import make_golden
-    finally:
-        sys.path.remove(GOLDEN)
-    with open(FORMAT_MD, encoding="utf-8") as f:
-        text = f.read()
-    block = re.search(r"<!-- reencrypt-vectors:begin -->\n(.*?)\n<!-- reencrypt-vectors:end -->", text, re.S)
-    assert block, "docs/FORMAT.md lost its re-encryption vector"
-    assert block.group(1) == make_golden.reencrypt_vectors()
+    assert _format_md_block("reencrypt-vectors", "re-encryption vector") == _make_golden().reencrypt_vectors()
 
 
 def test_library_reproduces_the_abort_vector():
     """FORMAT.md 9.5 (an abort in flight) is what vmfs-crypt's own code writes (make_golden.py --abort-vectors)."""
-    sys.path.insert(0, GOLDEN)
-    try:
-        import make_golden
-    finally:
-        sys.path.remove(GOLDEN)
-    with open(FORMAT_MD, encoding="utf-8") as f:
-        text = f.read()
-    block = re.search(r"<!-- abort-vectors:begin -->\n(.*?)\n<!-- abort-vectors:end -->", text, re.S)
-    assert block, "docs/FORMAT.md lost its abort vector"
-    assert block.group(1) == make_golden.abort_vectors()
+    assert _format_md_block("abort-vectors", "abort vector") == _make_golden().abort_vectors()
