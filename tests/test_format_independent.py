@@ -435,14 +435,13 @@ def test_reader_refuses_a_pasted_keysafe():
     assert type(err.value).__name__ == "InvalidUnwrap"
 
 
-def reencrypt_vector() -> tuple[dict, dict[str, str]]:
-    """FORMAT.md 9.4: (the folder key file, the named values)."""
+def _vector_block(marker: str, what: str, values: dict[str, str]) -> tuple[dict, dict[str, str]]:
+    """A FORMAT.md vector between `<!-- MARKER:begin/end -->`: its JSON, and its named values added to `values`."""
     with open(FORMAT_MD, encoding="utf-8") as f:
         text = f.read()
-    block = re.search(r"<!-- reencrypt-vectors:begin -->\n```json\n(.*?)```\n\n```text\n(.*?)\n```\n"
-                      r"<!-- reencrypt-vectors:end -->", text, re.S)
-    assert block, "docs/FORMAT.md lost its re-encryption vector"
-    values: dict[str, str] = {}
+    block = re.search(rf"<!-- {marker}:begin -->\n```json\n(.*?)```\n\n```text\n(.*?)\n```\n"
+                      rf"<!-- {marker}:end -->", text, re.S)
+    assert block, f"docs/FORMAT.md lost its {what}"
     name = None
     for line in block.group(2).split("\n"):
         if line.startswith(" "):
@@ -451,6 +450,11 @@ def reencrypt_vector() -> tuple[dict, dict[str, str]]:
             name, value = (part.strip() for part in line.split(" = ", 1))
             values[name] = value
     return json.loads(block.group(1)), values
+
+
+def reencrypt_vector() -> tuple[dict, dict[str, str]]:
+    """FORMAT.md 9.4: (the folder key file, the named values)."""
+    return _vector_block("reencrypt-vectors", "re-encryption vector", {})
 
 
 def vector_folder(path: str, doc: dict, v: dict[str, str], sidecar_tail: bytes = b"") -> dict[str, bytes]:
@@ -511,20 +515,7 @@ def test_format_md_reencrypt_vector(tmp_path):
 
 def abort_vector() -> tuple[dict, dict[str, str]]:
     """FORMAT.md 9.5: (the folder key file, the named values; the keys are those of 9.4)."""
-    with open(FORMAT_MD, encoding="utf-8") as f:
-        text = f.read()
-    block = re.search(r"<!-- abort-vectors:begin -->\n```json\n(.*?)```\n\n```text\n(.*?)\n```\n"
-                      r"<!-- abort-vectors:end -->", text, re.S)
-    assert block, "docs/FORMAT.md lost its abort vector"
-    values = dict(reencrypt_vector()[1])
-    name = None
-    for line in block.group(2).split("\n"):
-        if line.startswith(" "):
-            values[name] += line.strip()
-        else:
-            name, value = (part.strip() for part in line.split(" = ", 1))
-            values[name] = value
-    return json.loads(block.group(1)), values
+    return _vector_block("abort-vectors", "abort vector", dict(reencrypt_vector()[1]))
 
 
 def test_format_md_abort_vector(tmp_path):
