@@ -25,9 +25,12 @@
  *  - a revoked file refuses reads and writes with -EACCES.
  *
  * Locking: each file state has a reader/writer lock (many readers or one writer; a waiting
- * writer holds off new readers; not recursive). Reads and plain writes take it shared (an
- * online encrypt may give a plain file a cipher), encrypted writes exclusive. Code outside
- * (Python's truncate/fallocate, the online operation) takes the same lock through vc_file_lock_*.
+ * writer holds off new readers; not recursive) and sector spans under it. Reads and plain
+ * writes take a shared span of their sectors (an online encrypt may give a plain file a
+ * cipher: it takes the whole-file write lock), encrypted writes that keep the file size an
+ * exclusive span (disjoint writes run in parallel; a read never sees a sector half
+ * written), writes that grow the file the whole-file write lock. Code outside (Python's
+ * truncate/fallocate, the online operation) takes the whole-file lock through vc_file_lock_*.
  *
  * All functions return >= 0 or a negative errno. No Python here.
  */
@@ -71,6 +74,16 @@ int vc_file_unlock_write(vc_file *f); /* -EPERM if no writer holds it */
  * -EINVAL unless lo < hi and lo is a sector boundary. Waiters wake at the write unlock. */
 void vc_file_lock_read_span(vc_file *f, uint64_t off, uint64_t size);
 void vc_file_lock_write_span(vc_file *f, uint64_t off, uint64_t size);
+/* Sector-span locks of the data path (issue 13): the sectors of bytes [off, off + size),
+ * shared (excl 0: a read, a plain write) or exclusive (a write that keeps the file size).
+ * Spans exclude each other only where they overlap and one is exclusive; they wait for
+ * the hot zone like the *_span functions; the whole-file write lock waits for every span
+ * and holds off new ones while it waits; an exclusive span also waits for whole-file
+ * readers (vc_file_lock_read). At most VC_SPAN_SLOTS at once (more wait). Returns the slot
+ * to pass to vc_file_unlock_sectors (-EPERM for a slot not held). */
+#define VC_SPAN_SLOTS 32
+int vc_file_lock_sectors(vc_file *f, uint64_t off, uint64_t size, int excl);
+int vc_file_unlock_sectors(vc_file *f, int slot);
 int vc_file_set_hot(vc_file *f, uint64_t lo, uint64_t hi);
 int vc_file_clear_hot(vc_file *f);
 
@@ -103,6 +116,7 @@ struct vc_stats {
     uint64_t fallback_reads, fallback_writes; /* requests passed to the fallback */
     uint64_t faults;                          /* data faults logged */
     uint64_t short_writes;                    /* writes that stored less than asked */
+    uint64_t split_requests;                  /* requests served on two threads (the helper) */
 };
 void vc_stats_get(struct vc_stats *out);
 void vc_stats_count_fallback(int write);

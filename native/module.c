@@ -697,10 +697,11 @@ static PyObject *mod_stats(PyObject *mod, PyObject *unused)
     (void)unused;
     struct vc_stats s;
     vc_stats_get(&s);
-    return Py_BuildValue("{sKsKsKsKsKsK}", "reads", (unsigned long long)s.reads, "writes",
+    return Py_BuildValue("{sKsKsKsKsKsKsK}", "reads", (unsigned long long)s.reads, "writes",
                          (unsigned long long)s.writes, "fallback_reads", (unsigned long long)s.fallback_reads,
                          "fallback_writes", (unsigned long long)s.fallback_writes, "faults",
-                         (unsigned long long)s.faults, "short_writes", (unsigned long long)s.short_writes);
+                         (unsigned long long)s.faults, "short_writes", (unsigned long long)s.short_writes,
+                         "split_requests", (unsigned long long)s.split_requests);
 }
 
 static PyObject *mod_openssl_version(PyObject *mod, PyObject *unused)

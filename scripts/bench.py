@@ -445,6 +445,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ramp", type=float, help="fio ramp seconds before each job (default 1, quick 0.5)")
     ap.add_argument("--online-rate", help="online part: also fio during an online rekey limited to this --rate, e.g. 50M")
     ap.add_argument("--targets", help="comma-separated subset of: " + ",".join(TARGET_ORDER))
+    ap.add_argument("--columns", help="comma-separated subset of the fio columns (default all): "
+                    + ",".join(j["name"] for j in fio_jobs(1, 0)))
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: " + ",".join(PARTS))
     ap.add_argument("--only", help="comma-separated parts to run (the others are skipped): " + ",".join(PARTS))
     ap.add_argument("--no-fio", action="store_true", help="only the sector-cipher micro benchmark (= --skip all but micro)")
@@ -469,6 +471,11 @@ def main(argv=None) -> int:
 
     started = time.time()
     jobs = fio_jobs(runtime, ramp)
+    if args.columns:
+        names = set(filter(None, args.columns.split(",")))
+        if names - {j["name"] for j in jobs}:
+            ap.error(f"unknown column(s): {','.join(sorted(names - {j['name'] for j in jobs}))}")
+        jobs = [j for j in jobs if j["name"] in names]
     results: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick,
                      "params": {"rounds": rounds, "size": size, "convert_size": conv_size, "runtime_s": runtime,
                                 "online_size": args.online_size, "online_rate": args.online_rate,

@@ -694,7 +694,10 @@ def _pick_len(r: random.Random) -> int:
         return r.randint(1, 1200)
     if c < 0.9:
         return r.choice([512, 1024, 4096, 8192]) + r.choice([0, 0, 0, -1, 1, -15, 15, -16, 16])
-    return r.randint(1, 70000)
+    if c < 0.985:
+        return r.randint(1, 70000)
+    # requests the native path splits over two threads (SPLIT_MIN = 256 KiB)
+    return r.choice([r.randint(256 * 1024, 1_300_000), r.randint(1, 16) * 64 * 1024])
 
 
 def _pick_data(r: random.Random, n: int) -> bytes:
@@ -889,6 +892,30 @@ def test_large_unaligned_requests_cross_chunks(tmp_path):
     finally:
         enc.close()
         os.close(ref_fd)
+
+
+def test_large_aligned_requests_split_over_two_threads(tmp_path):
+    """Aligned requests of 256 KiB and more are served on two threads: same bytes as the reference."""
+    rnd = random.Random(22)
+    dek = rnd.randbytes(64)
+    enc = Registered(tmp_path / "split", native.SectorCipher(dek), "split", dek)
+    ref_fd = os.open(tmp_path / "splitref", os.O_RDWR | os.O_CREAT, 0o600)
+    ref = PyRef(ref_fd, PySectorCipher(dek))
+    before = native.stats()["split_requests"]
+    try:
+        for off, n in ((0, 4 << 20), (512, 1 << 20), (1 << 20, 256 * 1024), (3 << 20, (1 << 20) + 700),
+                       (2 << 20, 262_144 + 512), ((4 << 20) + 300 * 1024, 1 << 20)):
+            data = rnd.randbytes(n)
+            assert enc.write(data, off) == n
+            ref.write_plain(data, off)
+            assert read_all(enc.fd) == read_all(ref_fd), (off, n)
+        for off, n in ((0, 4 << 20), (512, 1 << 20), (1 << 20, 256 * 1024), (3 << 20, 2 << 20), (0, 8 << 20)):
+            assert enc.read(n, off) == ref.read_plain(n, off), (off, n)
+    finally:
+        enc.close()
+        os.close(ref_fd)
+    if os.cpu_count() and os.cpu_count() > 1:
+        assert native.stats()["split_requests"] > before
 
 
 # ============================== short writes =============================================
