@@ -208,6 +208,36 @@ def test_killed_in_place_operations_resume(small_regions, tmp_path):
 
 
 @pytest.mark.cli
+def test_regions_of_several_chunks_computed_ahead_resume_after_a_kill(venv_env):
+    """4 MiB regions: each region's cipher runs on worker threads while its sidecar is written (issue 13)."""
+    env = venv_env
+    region = 4 << 20  # four WRITE_CHUNKs
+    env.env["VMFS_CRYPT_REGION_SIZE"] = str(region)
+    vm, files = make_vm(env.ds)
+    keys = key_file(env)
+    env.run("encrypt", vm)
+    with open(os.path.join(vm, "disk.vmdk"), "rb") as f:
+        text = f.read().decode()
+    old_dek = dek_of({"keySafe": text.split('encryption.keySafe = "')[1].split('"')[0],
+                      "data": text.split('encryption.data = "')[1].split('"')[0]}, keys)
+    st = run_killed(env, vm, ["rekey", "--deep"], 3, False, [0])
+    disk = next(f for f in st["files"] if f["name"] == "disk-flat.vmdk")
+    assert disk["boundary"] == 3 * region
+    for name in files:
+        assert read_plaintext(vm, name, keys)[0] == files[name], f"{name} unreadable after the kill"
+    env.run("rekey", "--deep", vm)
+    assert state(vm) is None
+    check_plaintext(env, vm, files)
+    assert_holes_kept(vm)
+    with open(os.path.join(vm, "disk-flat.vmdk"), "rb") as f:
+        assert_old_dek_decrypts_nothing(old_dek, f.read(), files["disk-flat.vmdk"], "disk-flat.vmdk")
+    env.run("decrypt", vm)
+    for name, data in files.items():
+        with open(os.path.join(vm, name), "rb") as f:
+            assert f.read() == data, f"{name} differs after encrypt, deep rekey and decrypt"
+
+
+@pytest.mark.cli
 def test_a_version_1_reader_refuses_a_folder_in_flight(small_regions):
     """The feature fails closed for readers that do not know it; `cat` refuses the folder's files too.
 

@@ -11,6 +11,8 @@ import errno
 import os
 import signal
 import stat
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 from ..agent.protocol import KeyAccess
@@ -211,6 +213,45 @@ def _write_in_place(fd: int, offset: int, old: bytes, first: int, frm, to, what:
         done(len(part))
 
 
+# The cipher of a region runs on worker threads while its sidecar is written and hashed
+# (the native cipher, hashlib and os.write release the GIL): offline `rekey --deep` of 512 MiB
+# on tmpfs spent about as long in the sidecar as in the cipher (issue 13, docs/PERFORMANCE.md).
+# Only the computing goes ahead: no byte of the region is stored before its sidecar is durable.
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _workers() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1)),
+                                       thread_name_prefix="vmfs-crypt-cipher")
+        return _pool
+
+
+def _transform_ahead(old: bytes, first: int, frm, to) -> list[Future]:
+    """The new bytes of each WRITE_CHUNK of `old` (sectors from `first`), computed by the workers."""
+    def one(start_: int) -> bytes:
+        return transform(old[start_:start_ + WRITE_CHUNK], first + start_ // SECTOR_SIZE, frm, to)
+
+    pool = _workers()
+    return [pool.submit(one, start_) for start_ in range(0, len(old), WRITE_CHUNK)]
+
+
+def _store_ahead(fd: int, offset: int, old: bytes, pending: list[Future], what: str, done) -> None:
+    """Store the chunks `_transform_ahead` computed, in order; the rest are cancelled on a failure."""
+    try:
+        for i, fut in enumerate(pending):
+            start_ = i * WRITE_CHUNK
+            part = old[start_:start_ + WRITE_CHUNK]
+            store(fd, offset + start_, fut.result(), part, what)
+            done(len(part))
+    finally:
+        for fut in pending:
+            fut.cancel()
+
+
 def _read_exact(fd: int, size: int, offset: int, what: str) -> bytes:
     parts, got = [], 0
     while got < size:
@@ -265,10 +306,18 @@ def rewrite_region(fd: int, d: str, state: ReencryptState, f: ReencryptFile, frm
     if state.aborting:
         frm, to = to, frm  # back from the new key to the old one
     old = _read_exact(fd, n, off, what)
-    write_region(d, f.name, off, old)
+    test_point = _regions_started + 1 == _STOP_IN or HOLD_IN_ENV in os.environ
+    # computed while the sidecar is written; stored only after it is durable
+    pending = None if test_point or n <= WRITE_CHUNK else _transform_ahead(old, off // SECTOR_SIZE, frm, to)
+    try:
+        write_region(d, f.name, off, old)
+    except BaseException:
+        for fut in pending or ():
+            fut.cancel()
+        raise
     _regions_started += 1
     half = 0
-    if _regions_started == _STOP_IN or HOLD_IN_ENV in os.environ:  # test-only: a crash, or a wait, in step 2
+    if test_point:  # test-only: a crash, or a wait, in step 2
         half = n // 2 // SECTOR_SIZE * SECTOR_SIZE
         _write_in_place(fd, off, old[:half], off // SECTOR_SIZE, frm, to, what, done)
         os.fsync(fd)
@@ -277,7 +326,10 @@ def rewrite_region(fd: int, d: str, state: ReencryptState, f: ReencryptFile, frm
         hold_in_region()
     # progress per chunk (WRITE_CHUNK): a 64 MiB region was one step (a 48 MiB file showed only 100 %)
     try:
-        _write_in_place(fd, off + half, old[half:], (off + half) // SECTOR_SIZE, frm, to, what, done)
+        if pending is not None:
+            _store_ahead(fd, off, old, pending, what, done)
+        else:
+            _write_in_place(fd, off + half, old[half:], (off + half) // SECTOR_SIZE, frm, to, what, done)
         os.fsync(fd)
     except BaseException:
         # Put the region's old bytes back before anyone reads it by the state again (the sidecar has them too).
