@@ -22,6 +22,7 @@ median over a burst.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -76,6 +77,12 @@ def throughput(make_fn, size: int, threads: int, burst: float, repeat: int) -> f
         elapsed = time.perf_counter() - t0
         best = max(best, sum(counts) * size / elapsed / 1e6)
     return best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def openssl_speed(size: int, multi: int) -> float | None:
@@ -154,6 +161,36 @@ def main() -> int:
                 print(f"{key:28} " + " ".join(f"{row[str(s)]:9.0f}" for s in SIZES))
         else:
             print(f"bench_xts not built: {build.stderr.strip()[:200]}")
+        # The data path in-process, no FUSE (native/tests/bench_datapath.c): what a request costs
+        # the daemon apart from its FUSE round trip, encrypted and plain; with and without the
+        # helper thread for large requests. On /dev/shm (a tmpfs, like make bench's backing).
+        exe = os.path.join(d, "bench_datapath")
+        fuse_cflags = subprocess.run(["pkg-config", "--cflags", "fuse3"], capture_output=True, text=True).stdout.split()
+        build = subprocess.run(["gcc", "-O2", "-I", os.path.join(here, "native"), *fuse_cflags,
+                                os.path.join(here, "native/tests/bench_datapath.c"),
+                                os.path.join(here, "native/datapath.c"), os.path.join(here, "native/xts_batch.c"),
+                                "-o", exe, *cflags, "-lpthread"], capture_output=True, text=True)
+        if build.returncode == 0 and os.path.isdir("/dev/shm"):
+            res["datapath_inproc"] = {}
+            print("data path in-process, no FUSE (bench_datapath), one thread issuing: MB/s, us per request")
+            for split in ("1", "0"):
+                out = subprocess.run([exe, "/dev/shm"], capture_output=True, text=True, timeout=300,
+                                     env=dict(os.environ, VMFS_CRYPT_SPLIT=split))
+                rows = {}
+                for line in out.stdout.splitlines():
+                    what, size, mbps, us = line.split()
+                    rows[what] = {"request_bytes": int(size), "MBps": float(mbps), "us_per_request": float(us)}
+                    print(f"  {'helper' if split == '1' else 'no helper':10} {what:16} {size:>8} {float(mbps):9.0f} "
+                          f"{float(us):9.2f}")
+                res["datapath_inproc"]["helper" if split == "1" else "no helper"] = rows
+        else:
+            print(f"bench_datapath not built: {build.stderr.strip()[:200]}")
+    # SHA-256 of a 64 MiB region (hashlib, one thread): what the offline engine's sidecar costs
+    blob = os.urandom(64 << 20)
+    best = min(_timed(lambda: hashlib.sha256(blob).digest()) for _ in range(3))
+    res["sha256_MBps"] = round(len(blob) / best / 1e6, 1)
+    print(f"{'hashlib sha256, 64 MiB':28} {res['sha256_MBps']:9.0f} MB/s")
+    del blob
     for multi in (1, 2):
         row = [openssl_speed(size, multi) for size in SIZES]
         key = f"openssl speed -evp aes-256-xts{' -multi 2' if multi > 1 else ''}"
