@@ -484,7 +484,8 @@ class VmfsCryptProvider(Provider):
         plain = os.path.join(ds, "plainvm", "disk-flat.vmdk")  # a plain folder: passes through
         with open(plain, "wb") as f:
             f.truncate(size)
-        self.cli("mount", ds, self.mnt, timeout=90)
+        extra = os.environ.get("VMFS_BENCH_MOUNT_OPTIONS")  # e.g. max_idle_threads=32 (A/B runs)
+        self.cli("mount", *(["-o", extra] if extra else []), ds, self.mnt, timeout=90)
         wait_for(lambda: is_mounted(self.mnt), 30, "vmfs-crypt mount")
         self.mount_pid = self._find_mount_pid()
         self.agent_pid = self._find_agent_pid()
