@@ -44,7 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import (  # noqa: E402
     MIB, PASSWORD, REPO, Cleanup, GocryptfsProvider, LoadMeter, Provider, SecurefsProvider, Target,
     VmfsCryptProvider, backing_fs, daemon_pids, ensure_tools, fio, fmt, fmt_size, install_signal_handlers,
-    load_line, log, mark, median_or_none, parse_size, ratio, run, start_providers, stop_pid, tool_version,
+    load_line, log, mark, median_or_none, parse_size, ratio, run, run_retrying_pbkdf_timing, start_providers, stop_pid,
+    tool_version,
 )
 
 CACHE = os.path.join(REPO, "build", "guest")
@@ -386,8 +387,8 @@ class LuksProvider(Provider):
             for _ in range(size // MIB):
                 f.write(block)
         try:  # convert from a fully written file: every sector of the LUKS payload written
-            run(["qemu-img", "convert", "--object", f"secret,id=s,data={PASSWORD}", "-f", "raw", "-O", "luks",
-                 "-o", "key-secret=s,iter-time=10", src, img], timeout=1800)
+            run_retrying_pbkdf_timing(["qemu-img", "convert", "--object", f"secret,id=s,data={PASSWORD}", "-f", "raw",
+                                       "-O", "luks", "-o", "key-secret=s,iter-time=10", src, img], timeout=1800)
         finally:
             os.unlink(src)
         t = Target("luks", img, self, encrypted=True)

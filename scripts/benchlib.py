@@ -45,6 +45,20 @@ def run(cmd, *, check=True, timeout=600, env=None, input=None) -> subprocess.Com
     return proc
 
 
+def run_retrying_pbkdf_timing(cmd, *, timeout=600, say=None) -> subprocess.CompletedProcess:
+    """run() of a qemu-img that makes a LUKS key slot: QEMU sizes PBKDF2 by the thread's CPU time,
+    which reads 0 now and then on this machine ("Unable to get accurate CPU usage"); up to 3 tries."""
+    for attempt in range(3):
+        try:
+            return run(cmd, timeout=timeout)
+        except RuntimeError as exc:
+            if "Unable to get accurate CPU usage" not in str(exc) or attempt == 2:
+                raise
+            if say:
+                say("qemu-img could not time PBKDF2 (CPU usage read 0); trying again")
+    raise AssertionError("unreachable")
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
