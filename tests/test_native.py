@@ -874,46 +874,40 @@ def test_hole_rules_on_crafted_backing(tmp_path):
                 os.close(ref_fd)
 
 
-def test_large_unaligned_requests_cross_chunks(tmp_path):
-    """Requests bigger than the 256 KiB scratch rounds, unaligned at both ends."""
-    rnd = random.Random(21)
+def _writes_and_reads_vs_reference(tmp_path, seed: int, writes, reads) -> None:
+    """The native data path against the Python reference for the given (offset, length) requests."""
+    rnd = random.Random(seed)
     dek = rnd.randbytes(64)
-    enc = Registered(tmp_path / "big", native.SectorCipher(dek), "big", dek)
-    ref_fd = os.open(tmp_path / "bigref", os.O_RDWR | os.O_CREAT, 0o600)
+    enc = Registered(tmp_path / f"big{seed}", native.SectorCipher(dek), "big", dek)
+    ref_fd = os.open(tmp_path / f"bigref{seed}", os.O_RDWR | os.O_CREAT, 0o600)
     ref = PyRef(ref_fd, PySectorCipher(dek))
     try:
-        for off, n in ((0, 3 << 20), (100, (1 << 20) + 3), (777, 600_000), ((3 << 20) - 5, 9), (262_144 - 1, 262_146)):
-            data = rnd.randbytes(n)
-            assert enc.write(data, off) == n
-            ref.write_plain(data, off)
-        assert read_all(enc.fd) == read_all(ref_fd)
-        for off, n in ((1, 3 << 20), (262_143, 524_290), (0, 10 << 20), (5, 0)):
-            assert enc.read(n, off) == ref.read_plain(n, off)
-    finally:
-        enc.close()
-        os.close(ref_fd)
-
-
-def test_large_aligned_requests_split_over_two_threads(tmp_path):
-    """Aligned requests of 256 KiB and more are served on two threads: same bytes as the reference."""
-    rnd = random.Random(22)
-    dek = rnd.randbytes(64)
-    enc = Registered(tmp_path / "split", native.SectorCipher(dek), "split", dek)
-    ref_fd = os.open(tmp_path / "splitref", os.O_RDWR | os.O_CREAT, 0o600)
-    ref = PyRef(ref_fd, PySectorCipher(dek))
-    before = native.stats()["split_requests"]
-    try:
-        for off, n in ((0, 4 << 20), (512, 1 << 20), (1 << 20, 256 * 1024), (3 << 20, (1 << 20) + 700),
-                       (2 << 20, 262_144 + 512), ((4 << 20) + 300 * 1024, 1 << 20)):
+        for off, n in writes:
             data = rnd.randbytes(n)
             assert enc.write(data, off) == n
             ref.write_plain(data, off)
             assert read_all(enc.fd) == read_all(ref_fd), (off, n)
-        for off, n in ((0, 4 << 20), (512, 1 << 20), (1 << 20, 256 * 1024), (3 << 20, 2 << 20), (0, 8 << 20)):
+        for off, n in reads:
             assert enc.read(n, off) == ref.read_plain(n, off), (off, n)
     finally:
         enc.close()
         os.close(ref_fd)
+
+
+def test_large_unaligned_requests_cross_chunks(tmp_path):
+    """Requests bigger than the 256 KiB scratch rounds, unaligned at both ends."""
+    _writes_and_reads_vs_reference(
+        tmp_path, 21, ((0, 3 << 20), (100, (1 << 20) + 3), (777, 600_000), ((3 << 20) - 5, 9), (262_144 - 1, 262_146)),
+        ((1, 3 << 20), (262_143, 524_290), (0, 10 << 20), (5, 0)))
+
+
+def test_large_aligned_requests_split_over_two_threads(tmp_path):
+    """Aligned requests of 256 KiB and more are served on two threads: same bytes as the reference."""
+    before = native.stats()["split_requests"]
+    _writes_and_reads_vs_reference(
+        tmp_path, 22, ((0, 4 << 20), (512, 1 << 20), (1 << 20, 256 * 1024), (3 << 20, (1 << 20) + 700),
+                       (2 << 20, 262_144 + 512), ((4 << 20) + 300 * 1024, 1 << 20)),
+        ((0, 4 << 20), (512, 1 << 20), (1 << 20, 256 * 1024), (3 << 20, 2 << 20), (0, 8 << 20)))
     if os.cpu_count() and os.cpu_count() > 1:
         assert native.stats()["split_requests"] > before
 

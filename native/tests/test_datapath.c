@@ -310,15 +310,21 @@ static void *worker(void *arg)
     return NULL;
 }
 
-static void threads(void)
+/* An encrypted file state under a DEK drawn from `seed` (*x: its cipher, one reference). */
+static vc_file *encrypted_state(uint64_t seed, const char *name, vc_xts **x)
 {
     uint8_t dek[64];
-    uint64_t s = 11;
-    rnd_fill(&s, dek, 64);
-    vc_xts *x = NULL;
+    rnd_fill(&seed, dek, 64);
     vc_file *f = NULL;
-    CHECK_EQ(vc_xts_new(dek, &x), 0);
-    CHECK_EQ(vc_file_new(x, "t", &f), 0);
+    CHECK_EQ(vc_xts_new(dek, x), 0);
+    CHECK_EQ(vc_file_new(*x, name, &f), 0);
+    return f;
+}
+
+static void threads(void)
+{
+    vc_xts *x = NULL;
+    vc_file *f = encrypted_state(11, "t", &x);
     vc_xts_unref(x);
     const int fd = open_file("t.bin");
     uint8_t init[64 * 512];
@@ -542,13 +548,9 @@ static void *big_worker(void *arg)
  * at rest and back as one thread gives, whole sectors and partial tails, in and past the file. */
 static void split_requests(void)
 {
-    uint8_t dek[64];
-    uint64_t s = 23;
-    rnd_fill(&s, dek, 64);
+    uint64_t s = 24;
     vc_xts *x = NULL;
-    vc_file *f = NULL;
-    CHECK_EQ(vc_xts_new(dek, &x), 0);
-    CHECK_EQ(vc_file_new(x, "split", &f), 0);
+    vc_file *f = encrypted_state(23, "split", &x);
     const int fd = open_file("split.bin");
     const size_t max = 5u << 20;
     uint8_t *model = calloc(1, max), *got = malloc(max), *ct = malloc(max), *want = malloc(max);
