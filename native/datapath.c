@@ -611,13 +611,13 @@ static int read_region(vc_file *f, int fd, uint64_t first, size_t len, uint8_t *
 
 /* One fio job or one guest vCPU has one large request in flight: serving it on one thread
  * leaves the other CPU idle while the cipher runs serially with the copies (the seq 1 MiB
- * bound in docs/PERFORMANCE.md). A request of SPLIT_MIN bytes or more hands its upper half
+ * bound in docs/PERFORMANCE.md). A request of SPLIT_MIN bytes or more hands its upper part
  * to one helper thread when the helper is idle (else it is served whole, as before): reads
- * pread and decrypt the two halves at once; writes encrypt the upper half on the helper
- * while this thread encrypts and stores the lower half, then store the upper half, so
+ * pread and decrypt their two halves at once; writes have their upper 5/8 encrypted on the
+ * helper while this thread encrypts and stores the lower 3/8, then store the upper part, so
  * backing writes stay in ascending order and a short write keeps the prefix rule of
  * native/README.md. The helper runs under the requester's file lock and the requester
- * waits for it before it returns. */
+ * waits for it before it returns; the helper takes no file lock. */
 #define SPLIT_MIN ((size_t)256 * 1024)
 #define SPLIT_MAX ((size_t)4 * 1024 * 1024) /* larger requests are served on one thread */
 #define SPLIT_ALIGN ((size_t)4096)
