@@ -28,12 +28,14 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 # Everything, with the compiled core; then the data-path tests again on the Python reference
-# path (VMFS_CRYPT_NATIVE=0): make test passes with and without the compiled core.
+# path (VMFS_CRYPT_NATIVE=0): make test passes with and without the compiled core; then the C
+# data-path harness under ThreadSanitizer (about 20 s).
 PY_PATH_TESTS := tests/test_xts.py tests/test_format_independent.py tests/test_mount_posix.py tests/test_datapath_mount.py \
   tests/test_safety_fs.py
 test: deps
 	$(PY) -m pytest -q -p no:cacheprovider tests
 	VMFS_CRYPT_NATIVE=0 $(PY) -m pytest -q -p no:cacheprovider $(PY_PATH_TESTS)
+	$(MAKE) --no-print-directory test-native-tsan
 
 # The FUSE-free tiers (no mount, no CLI processes, no QEMU, no key server): seconds.
 test-unit: deps
@@ -108,7 +110,7 @@ NATIVE_CC := gcc -std=gnu11 -Wall -Wextra -Werror -Wconversion -Wsign-conversion
 NATIVE_LIBS = $$(pkg-config --libs libcrypto) -lpthread
 NIST_XTS = $$($(PY) -c "import cryptography_vectors as v, os; print(os.path.join(os.path.dirname(v.__file__), 'ciphers/AES/XTS/tweak-dataunitseqno/XTSGenAES256.rsp'))")
 
-.PHONY: test-native-asan
+.PHONY: test-native-asan test-native-tsan
 
 $(STAMP): setup.py $(wildcard native/*.c native/*.h)
 
@@ -133,3 +135,12 @@ test-native-asan: deps
 	  UBSAN_OPTIONS=print_stacktrace=1 \
 	  LD_PRELOAD=$$(gcc -print-file-name=libasan.so) VMFS_CRYPT_NATIVE_EXPECT=$(CURDIR)/$(NATIVE_ASAN)/pkg \
 	  $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider --capture=sys $(CURDIR)/tests/test_native.py
+
+# test-native-tsan: the data-path harness under ThreadSanitizer (the sector-span locks, the
+# helper thread for large requests, the hot zone; issue 13); any report fails it.
+test-native-tsan:
+	mkdir -p $(NATIVE_ASAN)
+	gcc -std=gnu11 -Wall -Wextra -Werror -fsanitize=thread -g -O1 -Inative $$(pkg-config --cflags fuse3) \
+	  native/tests/test_datapath.c native/datapath.c native/xts_batch.c native/fuse_entry.c \
+	  -o $(NATIVE_ASAN)/test_datapath_tsan $(NATIVE_LIBS)
+	TSAN_OPTIONS=halt_on_error=1 $(NATIVE_ASAN)/test_datapath_tsan
