@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_online import noisy_rounds, online_benchmark, summarize_online  # noqa: E402
 from benchlib import (  # noqa: E402
-    CLI, GIB, MIB, PASSWORD, REPO, BindfsProvider, Cleanup, GocryptfsProvider, LoadMeter, RawProvider,
+    CLI, GIB, MIB, PASSWORD, REPO, BindfsProvider, Cleanup, GocryptfsProvider, LoadMeter, RawProvider, SchedMeter,
     SecurefsProvider, VmfsCryptProvider, allocated_bytes, backing_fs, daemon_pids, ensure_tools, fio, fmt, fmt_size,
     install_signal_handlers, load_line, log, make_flat_folder, mark, median_or_none, parse_size, ratio, run,
     run_retrying_pbkdf_timing,
@@ -62,6 +62,7 @@ from benchlib import (  # noqa: E402
 
 PROVIDERS = [RawProvider, GocryptfsProvider, SecurefsProvider, BindfsProvider, VmfsCryptProvider]
 TARGET_ORDER = ["vmfs-enc", "vmfs-plain", "gocryptfs", "securefs", "bindfs", "raw"]
+SCHED_KEYS = ("busy_cpus", "daemon_cpu_us", "daemon_rq_wait_us", "daemon_runs")  # SchedMeter
 PARTS = ["micro", "fio", "checks", "convert", "offline", "online", "kmip"]
 RSS_LIMIT_MB = 200
 KMIP_MOUNT_LIMIT_S = 2.0
@@ -171,7 +172,9 @@ def fio_matrix(results: dict, targets, providers, size: int, rounds: int, jobs: 
             for job in jobs:
                 for t in order:
                     try:
+                        sched = SchedMeter(daemon_pids([t.provider]))
                         r = fio(t.path, job, size)
+                        r.update(sched.per_request(r["IOPS"]))
                         samples[job["name"]][t.name].append(r)
                         log(f"  round {rnd + 1}/{rounds} {job['name']:<10} {t.name:<11} "
                             f"{fmt(r[job['metric']], job['metric']):>10} {job['metric']}")
@@ -194,7 +197,9 @@ def fio_medians(jobs: list[dict], samples: dict) -> dict:
                     "iodepth": j.get("iodepth", 1),
                     "targets": {t: {"median": round(statistics.median([r[j["metric"]] for r in rs]), 1),
                                     "samples": [round(r[j["metric"]], 1) for r in rs],
-                                    "lat_us_median": round(statistics.median([r["lat_us"] for r in rs]), 1)}
+                                    "lat_us_median": round(statistics.median([r["lat_us"] for r in rs]), 1),
+                                    **{k: round(statistics.median([r[k] for r in rs]), 2) for k in SCHED_KEYS
+                                       if all(k in r for r in rs)}}
                                 for t, rs in samples[j["name"]].items() if rs}}
         for j in jobs}
 
@@ -362,6 +367,20 @@ def _us(value, metric: str, size: int, ncpu: int, saturated: bool) -> float | No
     return (ncpu if saturated else 1) * 1e6 / per_s
 
 
+def sched_note(cells: dict, who: str) -> str:
+    """The scheduler's share of a missed fio column: the encrypted disk's daemon threads
+    against `who`'s (SchedMeter medians), or "" when they were not measured."""
+    enc, other = cells.get("vmfs-enc", {}), cells.get(who, {})
+    if "daemon_rq_wait_us" not in enc or "daemon_rq_wait_us" not in other:
+        return ""
+    d_wait = enc["daemon_rq_wait_us"] - other["daemon_rq_wait_us"]
+    return (f"; per request the mount's threads waited {enc['daemon_rq_wait_us']:.1f} us on run queues after "
+            f"wake-ups over {enc['daemon_runs']:.2f} schedulings ({who}: {other['daemon_rq_wait_us']:.1f} us over "
+            f"{other['daemon_runs']:.2f}), {d_wait:+.1f} us, and used {enc['daemon_cpu_us']:.1f} us of CPU "
+            f"({who}: {other['daemon_cpu_us']:.1f}); the machine had {enc['busy_cpus']:.2f} CPUs busy "
+            f"({who}: {other['busy_cpus']:.2f})")
+
+
 def bounds(results: dict) -> list[str]:
     """One line per missed target: what bounds it, from figures measured in this run (docs/PERFORMANCE.md)."""
     out: list[str] = []
@@ -403,7 +422,8 @@ def bounds(results: dict) -> list[str]:
                     f"part ({fuse_part:.1f} us) unchanged")
             if cell["value"] < bound - 0.05:
                 line += (f"; measured {cell['value']:.2f}: {t_other / cell['value'] - floor:.1f} us more per request "
-                         "are not the data path's own cost (waits, scheduling, lock and cache contention)")
+                         "are not the data path's own cost")
+                line += sched_note(j["targets"], who)
             out.append(line)
     c = micro.get("c_MBps") or {}
     n1, n2 = (c.get(f"native-sector-cipher, {t}", {}).get("65536") for t in ("1 thread", "2 threads"))
@@ -430,6 +450,22 @@ def bounds(results: dict) -> list[str]:
                    f"{ns:.2f} ns of CPU, at most {1e3 / ns * ncpu:.0f} MB/s on {ncpu} CPUs with every stage "
                    f"overlapped, {1e3 / ns:.0f} MB/s on one; the engine overlaps only the cipher with the sidecar")
     return out
+
+
+def sched_table(fio_res: dict, present: list[str]) -> None:
+    """The SchedMeter medians: what each FUSE daemon's threads cost the scheduler per request."""
+    rows = [(col, t, j["targets"][t]) for col, j in fio_res.items() for t in present
+            if "daemon_cpu_us" in j["targets"].get(t, {})]
+    if not rows:
+        return
+    log("\n== per request, the FUSE daemon's threads (medians; /proc/TID/schedstat over each fio job)")
+    log(f"  {'column':<10} {'target':<11} {'CPU us':>8} {'run-queue wait us':>18} {'times run':>10} "
+        f"{'busy CPUs':>10}")
+    for col, t, c in rows:
+        log(f"  {col:<10} {t:<11} {c['daemon_cpu_us']:>8.1f} {c['daemon_rq_wait_us']:>18.1f} "
+            f"{c['daemon_runs']:>10.2f} {c['busy_cpus']:>10.2f}")
+    log("  (run-queue wait: from a wake-up or preemption of a thread to its running, summed over the "
+        "daemon's threads; the machine's busy CPUs include fio)")
 
 
 def summarize(results: dict) -> None:
@@ -467,6 +503,7 @@ def summarize(results: dict) -> None:
         whos = ", ".join(f"{col} {c['against']}" for col, c in best.items() if c["against"])
         if whos:
             log(f"  (best of gocryptfs/securefs per column: {whos})")
+        sched_table(fio_res, present)
     log("\n== other figures")
     micro = results.get("micro") or {}
     for t, r in (micro.get("rows") or {}).items():

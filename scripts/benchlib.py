@@ -241,6 +241,44 @@ def _machine_busy_s() -> float:
     return (user + nice + system + irq + softirq + steal) / _HZ
 
 
+def _threads_schedstat(pids) -> dict:
+    """{tid: (ns on a CPU, ns waiting on a run queue, times run)} of every thread of `pids`
+    (/proc/TID/schedstat, the kernel's sched_info: the run-queue wait is the delay from a
+    wake-up, or a preemption, to running again)."""
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError, ValueError):
+                    with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="utf-8") as f:
+                        cpu, wait, runs = (int(x) for x in f.read().split()[:3])
+                    out[int(tid)] = (cpu, wait, runs)
+    return out
+
+
+class SchedMeter:
+    """What a daemon's threads cost the scheduler over one fio job, per request: CPU time, time
+    waiting on a run queue after a wake-up (which the CPU time does not show: on this VM an
+    idle vCPU halts, so each cross-CPU wake-up waits for the hypervisor) and times scheduled;
+    also the machine's busy CPUs. Threads that exit during the job are lost (libfuse's workers
+    live as long as requests keep coming)."""
+
+    def __init__(self, pids) -> None:
+        self.pids = list(pids)
+        self.t0, self.busy0, self.s0 = time.monotonic(), _machine_busy_s(), _threads_schedstat(self.pids)
+
+    def per_request(self, requests_per_s: float) -> dict:
+        wall = max(time.monotonic() - self.t0, 1e-6)
+        busy = (_machine_busy_s() - self.busy0) / wall
+        s1 = _threads_schedstat(self.pids)
+        d = [sum(v[k] - self.s0.get(tid, (0, 0, 0))[k] for tid, v in s1.items()) for k in range(3)]
+        n = requests_per_s * wall
+        if not self.pids or n <= 0:
+            return {"busy_cpus": round(busy, 2)}
+        return {"busy_cpus": round(busy, 2), "daemon_cpu_us": round(d[0] / n / 1e3, 2),
+                "daemon_rq_wait_us": round(d[1] / n / 1e3, 2), "daemon_runs": round(d[2] / n, 2)}
+
+
 class LoadMeter:
     """Load average before/after a round, and the CPU that processes other than this
     benchmark's (this script, the children it waited for, the daemons `pids()` names) used
