@@ -15,6 +15,8 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 PR_SET_DUMPABLE = 4
 PR_GET_DUMPABLE = 3
 M_ARENA_MAX = -8  # mallopt parameter, <malloc.h>
+M_TOP_PAD = -2  # mallopt parameters, <malloc.h>
+M_MMAP_THRESHOLD = -3
 
 
 def libc_fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -26,6 +28,15 @@ def libc_fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 def cap_malloc_arenas(count: int) -> None:
     """glibc gives each thread that mallocs its own arena; cap them (bounds a multithreaded daemon's RSS)."""
     _libc.mallopt(M_ARENA_MAX, count)
+
+
+def keep_heap_top(pad_bytes: int) -> bool:
+    """Let malloc serve buffers of up to 32 MiB from its heap and keep `pad_bytes` free at its
+    top instead of giving them back to the kernel at each free (M_MMAP_THRESHOLD at glibc's
+    maximum, M_TOP_PAD): a process that allocates and frees buffers of megabytes over and over
+    then stops paying page faults for them. M_TOP_PAD alone does nothing once the heap exists:
+    large requests keep going to mmap. False if glibc refused either."""
+    return _libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and _libc.mallopt(M_TOP_PAD, pad_bytes) == 1
 
 
 def disable_core_dumps() -> None:

@@ -10,7 +10,9 @@ from ..agent.client import AgentClient
 from ..agent.launcher import agent_socket
 from ..config import Config, load_config
 from ..errors import AgentError
+from ..ops.reencrypt import OFFLINE_HEAP_TOP_PAD
 from ..providers.native import NativeKeyProvider
+from ..sysutil import keep_heap_top
 
 
 class Ctx:
@@ -158,6 +160,11 @@ class _NoProgress:
 
     def update(self, n: int) -> None:
         pass
+
+
+def offline_heap() -> None:
+    """This process is about to rewrite folders region by region (ops/reencrypt.py)."""
+    keep_heap_top(OFFLINE_HEAP_TOP_PAD)  # a refusal only costs speed
 
 
 def progress(total: int, label: str):

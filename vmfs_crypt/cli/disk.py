@@ -9,7 +9,7 @@ from ..crypto.sectors import SECTOR_SIZE
 from ..errors import ERROR_CLASSES, UsageError
 from ..fs.mounts import backing_path
 from ..ops import inspect, lifecycle
-from .common import emit_json, note, pass_ctx, progress, verbose, warn_backup
+from .common import emit_json, note, offline_heap, pass_ctx, progress, verbose, warn_backup
 from .online import online_target, parse_rate, run_online
 
 BACKGROUND = click.option("--background", is_flag=True,
@@ -79,6 +79,7 @@ def encrypt(c, path, provider, background, rate):
             note(f"{st['folder']}: encrypted online ({st['done_bytes']} bytes rewritten in place)")
             warn_backup(c.config)
         return
+    offline_heap()
     with agent_session(c.config, "encrypt", target=os.path.abspath(path)) as agent:
         result = lifecycle.encrypt_folder(path, agent, provider, progress)
     done = result.files
@@ -98,6 +99,7 @@ def decrypt(c, path, background, rate):
         if not background:
             note(f"{st['folder']}: decrypted online ({st['done_bytes']} bytes rewritten in place)")
         return
+    offline_heap()
     with agent_session(c.config, "decrypt", target=os.path.abspath(path)) as agent:
         result = lifecycle.decrypt_folder(path, agent, progress)
     note(f"{result.folder}: decrypted {len(result.files)} file(s)")
@@ -118,6 +120,7 @@ def rekey(c, path, deep, provider, background, rate):
         return
     if not deep and (background or rate):
         raise UsageError("--background and --rate are for 'rekey --deep' (a shallow rekey only rewraps keys)")
+    offline_heap()
     with agent_session(c.config, "rekey", target=os.path.abspath(path)) as agent:
         result = lifecycle.rekey_folder(path, agent, provider, deep, progress)
     old, new = result.old_kek, result.new_kek

@@ -8,7 +8,7 @@ import click
 from ..agent.launcher import agent_session
 from ..errors import DataError, InUseError, UsageError, VmfsCryptError
 from ..ops import lifecycle, online
-from .common import emit_json, note, pass_ctx, progress
+from .common import emit_json, note, offline_heap, pass_ctx, progress
 
 POLL_S = 0.25  # how often a waiting command asks the mount how far it is (display only)
 LABEL = {"encrypt": "encrypting", "decrypt": "decrypting", "rekey": "deep rekey"}
@@ -247,6 +247,7 @@ def abort(c, path, background):
     if state is None:
         raise UsageError(f"{lifecycle.target_folder(path).backing_dir}: no encrypt, decrypt or deep rekey is in "
                          "flight there; nothing to abort")
+    offline_heap()
     with agent_session(c.config, _purpose(state.op), target=os.path.abspath(path)) as agent:
         result = lifecycle.abort_folder(path, agent, progress)
     plain = result.op == "encrypt" and not lifecycle.target_folder(path).encrypted
