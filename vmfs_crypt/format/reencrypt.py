@@ -3,6 +3,8 @@
 import hashlib
 import json
 import os
+import stat
+import threading
 from dataclasses import dataclass, field
 
 from ..crypto.sectors import SECTOR_SIZE
@@ -134,20 +136,53 @@ def region_path(folder_dir: str) -> str:
     return os.path.join(folder_dir, REGION_NAME)
 
 
+def _region_header(name: str, offset: int, length: int, sha256_hex: str) -> bytes:
+    return json.dumps({"format": REGION_FORMAT, "version": 1, "file": name, "offset": offset, "length": length,
+                       "sha256": sha256_hex}, sort_keys=True).encode("utf-8") + b"\n"
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 def write_region(folder_dir: str, name: str, offset: int, old: bytes) -> None:
-    """Save the old bytes of the region about to be rewritten, durably, before a byte of it changes."""
-    header = json.dumps({"format": REGION_FORMAT, "version": 1, "file": name, "offset": offset,
-                         "length": len(old), "sha256": hashlib.sha256(old).hexdigest()}, sort_keys=True)
+    """Save the old bytes of the region about to be rewritten, durably, before a byte of it changes.
+
+    The previous sidecar is overwritten in place and cut to size, not truncated first: on tmpfs
+    writing it into fresh pages cost about as much as hashing it (issue 13). The bytes go in
+    while another thread hashes them, the header line last: its length does not depend on the
+    hash. Until the fsync any mix of old and new bytes is invalid by FORMAT.md 7.8 (offset,
+    length and hash are checked), so a crash never leaves a valid sidecar with wrong bytes.
+    """
+    digest: list[str] = []
+    hasher = threading.Thread(target=lambda: digest.append(hashlib.sha256(old).hexdigest()),
+                              name="vmfs-crypt-sidecar-hash")  # hashlib releases the GIL
+    hasher.start()
     path = region_path(folder_dir)
     fresh = not os.path.lexists(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        for part in (header.encode("utf-8") + b"\n", old):  # not concatenated: a region is up to 1 GiB
-            view = memoryview(part)
-            while view:
-                view = view[os.write(fd, view):]
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except BaseException:
+        hasher.join()
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # a hard link would be another file's bytes
+            raise FormatError(f"{path}: not a regular file with one link; remove it by hand")
+        head_len = len(_region_header(name, offset, len(old), "0" * 64))
+        _pwrite_all(fd, old, head_len)
+        hasher.join()
+        header = _region_header(name, offset, len(old), digest[0])
+        if len(header) != head_len:
+            raise AssertionError("region header length depends on its hash")
+        _pwrite_all(fd, header, 0)
+        os.ftruncate(fd, head_len + len(old))
         os.fsync(fd)
     finally:
+        hasher.join()
         os.close(fd)
     if fresh:
         fsync_dir(folder_dir)
