@@ -448,7 +448,8 @@ def bounds(results: dict) -> list[str]:
         out.append(f"  offline {op} {v} MB/s (target 1000): each byte is read ({io_r:.0f} MB/s), written to the "
                    f"sidecar and in place ({io_w:.0f}), hashed ({sha:.0f}) and ciphered {ciphers}x ({cipher1:.0f}): "
                    f"{ns:.2f} ns of CPU, at most {1e3 / ns * ncpu:.0f} MB/s on {ncpu} CPUs with every stage "
-                   f"overlapped, {1e3 / ns:.0f} MB/s on one; the engine overlaps only the cipher with the sidecar")
+                   f"overlapped, {1e3 / ns:.0f} MB/s on one; the engine overlaps the cipher and the hash with the "
+                   "sidecar's write, and a region's stores wait for its durable sidecar")
     return out
 
 
