@@ -8,6 +8,21 @@ ATOMIC_TMP_PREFIX = ".vmfs-crypt-atomic."
 _O_READ_SAFE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
+def pwrite_all(fd: int, data, offset: int) -> tuple[int, OSError | None]:
+    """Write all of `data` at `offset`, looping over short writes; (bytes stored, the error that stopped it)."""
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        try:
+            n = os.pwrite(fd, view[done:], offset + done)
+        except OSError as exc:
+            return done, exc
+        if n <= 0:
+            return done, OSError(errno.EIO, "the backing file took no bytes")
+        done += n
+    return done, None
+
+
 class NotRegularFile(OSError):
     """The path is a symlink, FIFO, device, socket or directory where a regular file was expected."""
 

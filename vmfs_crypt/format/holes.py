@@ -54,8 +54,6 @@ def decrypt_sectors(cipher: SectorCipher, first_sector_no: int, ciphertext) -> b
     if not has_zero_sector(ciphertext):
         return plaintext  # fast path: real ciphertext has no all-zero sector
     holes = zero_sector_mask(ciphertext)
-    if not holes.any():
-        return plaintext
     buf = bytearray(plaintext)
     for idx in holes.nonzero()[0]:
         start = int(idx) * SECTOR_SIZE

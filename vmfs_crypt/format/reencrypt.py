@@ -1,5 +1,6 @@
 """The state of an in-place re-encryption (docs/FORMAT.md 7.8): the folder key file's `reencrypt` member and the region sidecar."""
 
+import errno
 import hashlib
 import json
 import os
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 
 from ..crypto.sectors import SECTOR_SIZE
 from ..errors import FormatError
-from .atomicio import NotRegularFile, fsync_dir, read_fd, open_regular
+from .atomicio import NotRegularFile, fsync_dir, open_regular, pwrite_all, read_fd
 from .keysafe import KeyRecord, KeyRef
 from .strict import check_members, exact_int, json_object
 
@@ -141,11 +142,9 @@ def _region_header(name: str, offset: int, length: int, sha256_hex: str) -> byte
                        "sha256": sha256_hex}, sort_keys=True).encode("utf-8") + b"\n"
 
 
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
+def _store(fd: int, data, offset: int) -> None:
+    if (err := pwrite_all(fd, data, offset)[1]) is not None:
+        raise err
 
 
 def write_region(folder_dir: str, name: str, offset: int, old: bytes) -> None:
@@ -154,8 +153,9 @@ def write_region(folder_dir: str, name: str, offset: int, old: bytes) -> None:
     The previous sidecar is overwritten in place and cut to size, not truncated first: on tmpfs
     writing it into fresh pages cost about as much as hashing it (issue 13). The bytes go in
     while another thread hashes them, the header line last: its length does not depend on the
-    hash. Until the fsync any mix of old and new bytes is invalid by FORMAT.md 7.8 (offset,
-    length and hash are checked), so a crash never leaves a valid sidecar with wrong bytes.
+    hash. Until the fsync a mix of old and new bytes is valid by FORMAT.md 7.8 (offset, length
+    and hash are checked) only if it holds exactly these bytes, so a crash never leaves a valid
+    sidecar with wrong bytes.
     """
     digest: list[str] = []
     hasher = threading.Thread(target=lambda: digest.append(hashlib.sha256(old).hexdigest()),
@@ -173,12 +173,14 @@ def write_region(folder_dir: str, name: str, offset: int, old: bytes) -> None:
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # a hard link would be another file's bytes
             raise FormatError(f"{path}: not a regular file with one link; remove it by hand")
         head_len = len(_region_header(name, offset, len(old), "0" * 64))
-        _pwrite_all(fd, old, head_len)
+        _store(fd, old, head_len)
         hasher.join()
+        if not digest:
+            raise OSError(errno.EIO, "the region's SHA-256 failed", path)
         header = _region_header(name, offset, len(old), digest[0])
         if len(header) != head_len:
             raise AssertionError("region header length depends on its hash")
-        _pwrite_all(fd, header, 0)
+        _store(fd, header, 0)
         os.ftruncate(fd, head_len + len(old))
         os.fsync(fd)
     finally:

@@ -36,6 +36,7 @@ import os
 from ..crypto.sectors import SECTOR_SIZE, sector_len, sector_span, sector_to_plain_off
 from ..crypto.xts import SectorCipher
 from ..errors import DataError
+from ..format.atomicio import pwrite_all  # noqa: F401 - the data path's, kept importable from here
 from ..format.holes import MIN_HOLE_TAIL, decrypt_sectors
 from ..sysutil import libc_fallocate
 
@@ -53,21 +54,6 @@ log = logging.getLogger("vmfs_crypt.fs")
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) on a backing file (os.posix_fallocate has no mode)."""
     libc_fallocate(fd, mode, offset, length)
-
-
-def pwrite_all(fd: int, data, offset: int) -> tuple[int, OSError | None]:
-    """Write all of `data` at `offset`, looping over short writes; (bytes stored, the error that stopped it)."""
-    view = memoryview(data)
-    done = 0
-    while done < len(view):
-        try:
-            n = os.pwrite(fd, view[done:], offset + done)
-        except OSError as exc:
-            return done, exc
-        if n <= 0:
-            return done, OSError(errno.EIO, "the backing file took no bytes")
-        done += n
-    return done, None
 
 
 def _write_exact(fd: int, data, offset: int) -> None:
