@@ -23,6 +23,13 @@ def pwrite_all(fd: int, data, offset: int) -> tuple[int, OSError | None]:
     return done, None
 
 
+def pwrite_exact(fd: int, data, offset: int) -> None:
+    """Store all of `data` at `offset` or raise the error that stopped it."""
+    err = pwrite_all(fd, data, offset)[1]
+    if err is not None:
+        raise err
+
+
 class NotRegularFile(OSError):
     """The path is a symlink, FIFO, device, socket or directory where a regular file was expected."""
 

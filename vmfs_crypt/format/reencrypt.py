@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from ..crypto.sectors import SECTOR_SIZE
 from ..errors import FormatError
-from .atomicio import NotRegularFile, fsync_dir, open_regular, pwrite_all, read_fd
+from .atomicio import NotRegularFile, fsync_dir, open_regular, pwrite_exact, read_fd
 from .keysafe import KeyRecord, KeyRef
 from .strict import check_members, exact_int, json_object
 
@@ -142,11 +142,6 @@ def _region_header(name: str, offset: int, length: int, sha256_hex: str) -> byte
                        "sha256": sha256_hex}, sort_keys=True).encode("utf-8") + b"\n"
 
 
-def _store(fd: int, data, offset: int) -> None:
-    if (err := pwrite_all(fd, data, offset)[1]) is not None:
-        raise err
-
-
 def write_region(folder_dir: str, name: str, offset: int, old: bytes) -> None:
     """Save the old bytes of the region about to be rewritten, durably, before a byte of it changes.
 
@@ -173,14 +168,14 @@ def write_region(folder_dir: str, name: str, offset: int, old: bytes) -> None:
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # a hard link would be another file's bytes
             raise FormatError(f"{path}: not a regular file with one link; remove it by hand")
         head_len = len(_region_header(name, offset, len(old), "0" * 64))
-        _store(fd, old, head_len)
+        pwrite_exact(fd, old, head_len)
         hasher.join()
         if not digest:
             raise OSError(errno.EIO, "the region's SHA-256 failed", path)
         header = _region_header(name, offset, len(old), digest[0])
         if len(header) != head_len:
             raise AssertionError("region header length depends on its hash")
-        _store(fd, header, 0)
+        pwrite_exact(fd, header, 0)
         os.ftruncate(fd, head_len + len(old))
         os.fsync(fd)
     finally:

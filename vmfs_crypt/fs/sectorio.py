@@ -36,7 +36,7 @@ import os
 from ..crypto.sectors import SECTOR_SIZE, sector_len, sector_span, sector_to_plain_off
 from ..crypto.xts import SectorCipher
 from ..errors import DataError
-from ..format.atomicio import pwrite_all  # noqa: F401 - the data path's, kept importable from here
+from ..format.atomicio import pwrite_all, pwrite_exact
 from ..format.holes import MIN_HOLE_TAIL, decrypt_sectors
 from ..sysutil import libc_fallocate
 
@@ -54,13 +54,6 @@ log = logging.getLogger("vmfs_crypt.fs")
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) on a backing file (os.posix_fallocate has no mode)."""
     libc_fallocate(fd, mode, offset, length)
-
-
-def _write_exact(fd: int, data, offset: int) -> None:
-    """Store all of `data` or raise (for rewrites of one sector in place)."""
-    done, err = pwrite_all(fd, data, offset)
-    if err is not None:
-        raise err
 
 
 def read_sectors(fd: int, cipher: SectorCipher, first: int, count: int, file_size: int, what: str) -> bytes:
@@ -111,7 +104,7 @@ class _TailUndo:
         if os.fstat(self.fd).st_size != self.old_size:
             os.ftruncate(self.fd, self.old_size)
         if self.sector is not None and self.ciphertext:
-            _write_exact(self.fd, self.ciphertext, sector_to_plain_off(self.sector))
+            pwrite_exact(self.fd, self.ciphertext, sector_to_plain_off(self.sector))
 
 
 def reencode_tail(fd: int, cipher: SectorCipher, old_size: int, new_size: int, what: str,
@@ -141,9 +134,9 @@ def reencode_tail(fd: int, cipher: SectorCipher, old_size: int, new_size: int, w
     if not any(new_plain) and new_len >= MIN_HOLE_TAIL:
         # An all-zero sector is stored as zeros: a hole, which reads back as zeros.
         if any(old_cipher):
-            _write_exact(fd, bytes(len(old_cipher)), start)
+            pwrite_exact(fd, bytes(len(old_cipher)), start)
         return
-    _write_exact(fd, cipher.encrypt(target, new_plain), start)
+    pwrite_exact(fd, cipher.encrypt(target, new_plain), start)
 
 
 def seal_new_short_tail(fd: int, cipher: SectorCipher, old_size: int, new_size: int) -> None:
@@ -151,7 +144,7 @@ def seal_new_short_tail(fd: int, cipher: SectorCipher, old_size: int, new_size: 
     tail_len = new_size % SECTOR_SIZE
     tail_start = new_size - tail_len
     if 0 < tail_len < MIN_HOLE_TAIL and tail_start >= old_size:
-        _write_exact(fd, cipher.encrypt(tail_start // SECTOR_SIZE, bytes(tail_len)), tail_start)
+        pwrite_exact(fd, cipher.encrypt(tail_start // SECTOR_SIZE, bytes(tail_len)), tail_start)
 
 
 def _undo(undo: _TailUndo, what: str) -> None:

@@ -6,9 +6,8 @@ from typing import Callable, Iterator
 from ..crypto.sectors import SECTOR_SIZE
 from ..crypto.xts import SectorCipher
 from ..errors import DataError
-from ..format.atomicio import open_regular
+from ..format.atomicio import open_regular, pwrite_all
 from ..format.holes import decrypt_sectors, nonzero_runs
-from ..fs.sectorio import pwrite_all
 
 CHUNK_SIZE = 4 << 20  # bytes per read/encrypt/write step
 Progress = Callable[[int], None]

@@ -19,12 +19,13 @@ from ..agent.protocol import KeyAccess
 from ..crypto.sectors import SECTOR_SIZE
 from ..crypto.xts import SectorCipher
 from ..errors import DataError, FormatError, UsageError
+from ..format.atomicio import pwrite_all
 from ..format.folder import FolderKeys
 from ..format.holes import decrypt_sectors, has_zero_sector, nonzero_runs, zero_sector_mask
 from ..format.keysafe import KeyRecord, KeyRef
 from ..format.reencrypt import (DEFAULT_REGION_SIZE, MAX_REGION_SIZE, ReencryptFile, ReencryptState, read_region,
                                 remove_region, write_region)
-from ..fs.sectorio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate, pwrite_all
+from ..fs.sectorio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from .inuse import Access
 from .transaction import FolderTransaction
 
